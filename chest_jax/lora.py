@@ -1,0 +1,158 @@
+"""LoRA for `Estimator_v4`: adapter layers, injection by target name, merge, and base-model fingerprints.
+
+Vocabulary and scaling follow PEFT: `r`, `lora_alpha`, `lora_dropout`, `target_modules`; the adapter adds
+(lora_alpha / r) * dropout(x) A B to a Linear's output, A (in, r) random, B (r, out) zero, so a freshly
+adapted model computes exactly what its base computes. Adapter weights are `nnx.LoRAParam`s (a subclass of
+`nnx.Param`), which is how training selects them; the base `kernel` / `bias` keep their paths, so a base
+checkpoint loads into an adapted model unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from chest_jax.config import PeftConfig
+from chest_jax.model import Dropout, Linear, torch_linear_default_init, xavier_uniform
+
+# PEFT initialises lora_A like a torch nn.Linear weight (kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(in_features)).
+lora_a_init = torch_linear_default_init
+
+
+class LoRALinear(Linear):
+    """A `Linear` plus a low-rank update: y = x W + b + (lora_alpha / r) * dropout(x) lora_A lora_B.
+
+    Parameters: `kernel` (in, out), `bias` (out,) as in `Linear`; `lora_A` (in, r) and `lora_B` (r, out) as
+    `nnx.LoRAParam`. LoRA dropout is active only when called with deterministic=False (keys from `rngs`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 *, rngs: nnx.Rngs, dtype: Any = None, kernel_init: nnx.Initializer = xavier_uniform,
+                 bias_init: nnx.Initializer = jax.nn.initializers.zeros):
+        if r < 1:
+            raise ValueError(f"LoRA rank r={r} must be at least 1 (ch_estimation.peft.r)")
+        super().__init__(in_features, out_features, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init,
+                         rngs=rngs)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r
+        self.lora_A = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, r), jnp.float32))
+        self.lora_B = nnx.LoRAParam(jnp.zeros((r, out_features), jnp.float32))
+        self.lora_dropout = Dropout(lora_dropout)
+
+    @classmethod
+    def from_linear(cls, linear: Linear, r: int, alpha: float, dropout: float, *, rngs: nnx.Rngs) -> "LoRALinear":
+        """Wrap `linear`, keeping its kernel and bias values (only lora_A is drawn from `rngs`)."""
+        if isinstance(linear, LoRALinear):
+            raise ValueError("this layer already carries a LoRA adapter; merge_lora first to wrap it again")
+        kernel, bias = linear.kernel[...], linear.bias[...]
+        return cls(linear.in_features, linear.out_features, r, alpha, dropout, dtype=linear.dtype,
+                   kernel_init=lambda *_: kernel, bias_init=lambda *_: bias, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        y = super().__call__(x)
+        x_dropped = self.lora_dropout(x, deterministic=deterministic, rngs=rngs).astype(y.dtype)
+        delta = (x_dropped @ self.lora_A[...].astype(y.dtype)) @ self.lora_B[...].astype(y.dtype)
+        return y + delta * jnp.asarray(self.scaling, y.dtype)
+
+    def merged_kernel(self) -> jax.Array:
+        """kernel + (lora_alpha / r) lora_A lora_B, (in, out) float32."""
+        delta = jnp.matmul(self.lora_A[...], self.lora_B[...], precision=jax.lax.Precision.HIGHEST)
+        return self.kernel[...] + self.scaling * delta
+
+
+def _linear_children(model: nnx.Module) -> list[tuple[str, nnx.Module, str, Linear]]:
+    """(dotted path, parent module, attribute name, layer) for every Linear held as a module attribute."""
+    found = []
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Module):
+            continue
+        for name, child in vars(node).items():
+            if isinstance(child, Linear):
+                found.append((".".join(str(p) for p in (*path, name)), node, name, child))
+    return found
+
+
+def apply_lora(model: nnx.Module, peft: PeftConfig, *, rngs: nnx.Rngs) -> list[str]:
+    """Replace, in place, every `Linear` whose attribute name is in `peft.target_modules` by a `LoRALinear`.
+
+    `out_proj` matches the output projections of both `mha` and `cond_mha`. Returns the dotted paths wrapped
+    (e.g. "ch_tf._layers.0.mha.out_proj"). Raises ValueError when a target matches nothing or when the model
+    already has adapters.
+    """
+    targets = set(peft.target_modules)
+    chosen = [entry for entry in _linear_children(model) if entry[2] in targets]
+    already = [path for path, _, _, layer in chosen if isinstance(layer, LoRALinear)]
+    if already:
+        raise ValueError(f"model already has LoRA adapters on {already[:3]}{' ...' if len(already) > 3 else ''}; "
+                         "apply_lora once per model (merge_lora first to stack a new adapter)")
+    missing = sorted(targets - {name for _, _, name, _ in chosen})
+    if missing:
+        available = sorted({name for _, _, name, _ in _linear_children(model)})
+        raise ValueError(f"LoRA target modules not found in the model: {missing}; "
+                         f"ch_estimation.peft.target_modules must name Linear layers among {available}")
+    for _, parent, name, layer in chosen:
+        setattr(parent, name, LoRALinear.from_linear(layer, peft.r, peft.lora_alpha, peft.lora_dropout, rngs=rngs))
+    return [path for path, _, _, _ in chosen]
+
+
+def merge_lora(model: nnx.Module) -> int:
+    """Fold every adapter into its kernel (kernel += (lora_alpha / r) A B) and restore plain `Linear`s, in place.
+
+    Returns how many adapters were merged; afterwards the model holds no `nnx.LoRAParam`.
+    """
+    merged = 0
+    for _, parent, name, layer in _linear_children(model):
+        if not isinstance(layer, LoRALinear):
+            continue
+        kernel, bias = layer.merged_kernel(), layer.bias[...]
+        plain = Linear(layer.in_features, layer.out_features, dtype=layer.dtype,
+                       kernel_init=lambda *_, k=kernel: k, bias_init=lambda *_, b=bias: b, rngs=nnx.Rngs(0))
+        setattr(parent, name, plain)
+        merged += 1
+    return merged
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, lora_state, base_state): the adapters (`nnx.LoRAParam`) apart from every other parameter.
+
+    `nnx.merge(graphdef, lora_state, base_state)` rebuilds the model. A model without adapters gives an empty
+    lora_state. Raises if the model holds state that is not a parameter (nothing would carry it).
+    """
+    _, other = nnx.state(model, nnx.Param, ...)
+    if jax.tree.leaves(other):
+        raise ValueError("the model holds non-parameter state "
+                         f"{sorted('/'.join(map(str, p)) for p, _ in nnx.to_flat_state(other))}; "
+                         "split_params only carries parameters")
+    graphdef, lora_state, base_state = nnx.split(model, nnx.LoRAParam, nnx.Param)
+    return graphdef, lora_state, base_state
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def params_fingerprint(pure_dict: Any) -> str:
+    """SHA-256 hex digest over the sorted (path, dtype, shape, bytes) of a pure parameter dict.
+
+    Identifies a base model exactly: an adapter records its base's fingerprint, and loading it onto another
+    base can be refused. Independent of dict insertion order; any change of a value, dtype or shape changes it.
+    """
+    if isinstance(pure_dict, nnx.State):
+        pure_dict = nnx.to_pure_dict(pure_dict)
+    leaves = jax.tree_util.tree_flatten_with_path(pure_dict)[0]
+    entries = sorted((("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves), key=lambda e: e[0])
+    digest = hashlib.sha256()
+    for path, leaf in entries:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{path}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

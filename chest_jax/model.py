@@ -1,0 +1,340 @@
+"""`Estimator_v4`: the original's transformer channel estimator for DMRS pilots, in Flax NNX.
+
+Every module and parameter carries the PyTorch original's name (`ch_tf._layers.N.mha_q_proj`, ...), so a
+reader of the original, and the PyTorch importer, find each piece in the same place. Kernels and
+`*_proj_weight`s are stored (in, out), the transpose of PyTorch's (out, in) weights. Layouts are batch-first
+internally; the arithmetic is the original's (SPEC.md section 3).
+
+The model holds parameters only: positional encodings are constants computed from static sizes, and dropout
+keys come from the `rngs` passed to `__call__` (training: `nnx.Rngs(dropout=key)`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from chest_jax.config import ChEstimationConfig
+
+# PyTorch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the torch MultiheadAttention
+# leaves its out_proj weight at this default (only the in-projections get xavier).
+torch_linear_default_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+xavier_uniform = jax.nn.initializers.xavier_uniform()
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # torch's F.gelu default is the exact erf form
+}
+
+
+class Linear(nnx.Linear):
+    """`nnx.Linear` with the original's init (xavier-uniform kernel, zero bias) and a dropout-aware call.
+
+    `__call__` accepts `deterministic` and `rngs` and ignores them, so a `LoRALinear` (which uses them for
+    LoRA dropout) can replace any `Linear` without changing its caller.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Any = None,
+                 kernel_init: nnx.Initializer = xavier_uniform,
+                 bias_init: nnx.Initializer = jax.nn.initializers.zeros):
+        super().__init__(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+                         kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True,  # type: ignore[override]
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        del deterministic, rngs
+        return super().__call__(x)
+
+
+@functools.lru_cache(maxsize=None)
+def positional_encoding_sine(n_pos: int, d_model: int) -> np.ndarray:
+    """Sine/cosine encoding of the original (SPEC 3), (n_pos, d_model) float32, with max_n_pos = n_pos.
+
+    pos_i = i / (n + 1e-6) * 2 pi * n for i = 1..n; w_j = n ** (2 floor(j/2) / D);
+    even j: sin(pos_i / w_j), odd j: cos(pos_i / w_j). Evaluated in float32, as PyTorch computed the
+    original's `pe` / `cond_pe` buffers. Angles reach 2 pi n rad, so any float32 evaluation is only good to
+    ~1e-4 absolute (1.4e-4 against float64 at n = 256); at the default config that moves the estimate by
+    ~3e-6 relative.
+    """
+    f32 = np.float32
+    pos_N = np.arange(1, n_pos + 1, dtype=f32) / f32(n_pos + 1e-6) * f32(2 * math.pi * n_pos)
+    dim_D = np.arange(d_model, dtype=f32)
+    freq_D = f32(n_pos) ** (f32(2) * np.floor(dim_D / f32(2)) / f32(d_model))
+    angle_NxD = pos_N[:, None] / freq_D[None, :]
+    pe_NxD = np.where(np.arange(d_model) % 2 == 0, np.sin(angle_NxD), np.cos(angle_NxD)).astype(f32)
+    pe_NxD.setflags(write=False)
+    return pe_NxD
+
+
+def _dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    if deterministic or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+class Dropout(nnx.Module):
+    """Inverted dropout with keys from the `rngs` given at call time (the module stores no RNG state)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+
+    def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        return _dropout(x, self.rate, deterministic, rngs)
+
+
+class MultiheadAttention(nnx.Module):
+    """PyTorch-style multi-head attention with separate in-projections (`q/k/v_proj_weight`, (in, out)).
+
+    query (B, Lq, embed_dim), key (B, Lk, kdim), value (B, Lk, vdim) -> (B, Lq, embed_dim):
+    softmax((q Wq + bq)(k Wk + bk)^T / sqrt(embed_dim / num_heads)) (v Wv + bv) per head, dropout on the
+    attention weights in training, then `out_proj` (called as a module, so a LoRA on it is live).
+    `in_proj_bias` is (3 embed_dim,): the q, k, v biases in that order.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, kdim: int, vdim: int, dropout: float, *,
+                 rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
+                             "choose n_head dividing d_model")
+        self.embed_dim, self.num_heads, self.kdim, self.vdim = embed_dim, num_heads, kdim, vdim
+        self.dropout = dropout
+        self.dtype = dtype
+        self.q_proj_weight = nnx.Param(xavier_uniform(rngs.params(), (embed_dim, embed_dim), jnp.float32))
+        self.k_proj_weight = nnx.Param(xavier_uniform(rngs.params(), (kdim, embed_dim), jnp.float32))
+        self.v_proj_weight = nnx.Param(xavier_uniform(rngs.params(), (vdim, embed_dim), jnp.float32))
+        self.in_proj_bias = nnx.Param(jnp.zeros((3 * embed_dim,), jnp.float32))
+        self.out_proj = Linear(embed_dim, embed_dim, kernel_init=torch_linear_default_init, dtype=dtype,
+                               rngs=rngs)
+
+    def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        cd = self.dtype
+        d, h = self.embed_dim, self.num_heads
+        b_q, b_k, b_v = jnp.split(self.in_proj_bias[...].astype(cd), 3)
+        q_BxQxD = query.astype(cd) @ self.q_proj_weight[...].astype(cd) + b_q
+        k_BxKxD = key.astype(cd) @ self.k_proj_weight[...].astype(cd) + b_k
+        v_BxKxD = value.astype(cd) @ self.v_proj_weight[...].astype(cd) + b_v
+        batch, n_q, n_k = q_BxQxD.shape[0], q_BxQxD.shape[1], k_BxKxD.shape[1]
+        q_BxQxHxE = q_BxQxD.reshape(batch, n_q, h, d // h)
+        k_BxKxHxE = k_BxKxD.reshape(batch, n_k, h, d // h)
+        v_BxKxHxE = v_BxKxD.reshape(batch, n_k, h, d // h)
+        logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE) / jnp.asarray(
+            math.sqrt(d // h), cd)
+        weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK.astype(jnp.float32), axis=-1).astype(cd)
+        weights_BxHxQxK = _dropout(weights_BxHxQxK, self.dropout, deterministic, rngs)
+        out_BxQxD = jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE).reshape(batch, n_q, d)
+        return self.out_proj(out_BxQxD, deterministic=deterministic, rngs=rngs)
+
+
+class ConditionNetwork(nnx.Module):
+    """Cuts the normalized pilot grid c (B, in_channels, length) into condition tokens.
+
+    Returns (B, n_token, d_model) with n_token = length / step_size and d_model = in_channels * step_size:
+    token t holds [re of subcarriers t*step .. t*step+step-1, then im of the same], the original's
+    (token, batch, re/im, step) order in batch-first layout.
+    """
+
+    def __init__(self, length: int, in_channels: int, step_size: int, steps_per_token: int):
+        if length % step_size:
+            raise ValueError(f"cond length={length} is not divisible by step_size={step_size}")
+        if steps_per_token != 1:
+            raise ValueError(f"steps_per_token={steps_per_token} is not supported; use 1 (as Estimator_v4)")
+        self.length, self.in_channels, self.step_size = length, in_channels, step_size
+        self.n_token = length // step_size - steps_per_token + 1
+        self.d_model = step_size * steps_per_token * in_channels
+
+    def __call__(self, c_BxCxK: jax.Array) -> jax.Array:
+        batch = c_BxCxK.shape[0]
+        c_BxCxTxS = c_BxCxK.reshape(batch, self.in_channels, self.n_token, self.step_size)
+        return c_BxCxTxS.transpose(0, 2, 1, 3).reshape(batch, self.n_token, self.d_model)
+
+
+class TransformerLayer(nnx.Module):
+    """One Pre-LN layer: self-attention over the queries, cross-attention to the condition, feed-forward.
+
+    x (B, n_token, d_model), cond (B, cond_n_token, cond_d_model) -> (B, n_token, d_model). `mha_q_proj` is
+    applied twice (self-attention query, then cross-attention query): one shared layer, as in the original.
+    """
+
+    def __init__(self, d_model: int, n_token: int, n_head: int, dim_feedforward: int, dropout: float,
+                 activation: str, cond_d_model: int, cond_n_token: int, *, rngs: nnx.Rngs,
+                 dtype: Any = jnp.float32):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+        self.d_model, self.n_token = d_model, n_token
+        self.cond_d_model, self.cond_n_token = cond_d_model, cond_n_token
+        self.activation = activation
+        self.dtype = dtype
+        self.mha_q_proj = Linear(d_model, d_model, dtype=dtype, rngs=rngs)
+        self.mha_k_proj = Linear(d_model, d_model, dtype=dtype, rngs=rngs)
+        self.mha_v_proj = Linear(d_model, d_model, dtype=dtype, rngs=rngs)
+        self.mha = MultiheadAttention(d_model, n_head, d_model, d_model, dropout, dtype=dtype, rngs=rngs)
+        self.cond_mha = MultiheadAttention(d_model, n_head, cond_d_model, cond_d_model, dropout, dtype=dtype,
+                                           rngs=rngs)
+        self.ffnn_linear1 = Linear(d_model, dim_feedforward, dtype=dtype, rngs=rngs)
+        self.ffnn_dropout = Dropout(dropout)
+        self.ffnn_linear2 = Linear(dim_feedforward, d_model, dtype=dtype, rngs=rngs)
+        self.norm1 = self._layer_norm(d_model, rngs)
+        self.norm2 = self._layer_norm(d_model, rngs)
+        self.norm3 = self._layer_norm(d_model, rngs)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
+
+    @staticmethod
+    def _layer_norm(d_model: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+        return nnx.LayerNorm(d_model, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x_BxTxD: jax.Array, cond_BxCxE: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        # The residual stream stays float32; sublayers compute in self.dtype.
+        kw = dict(deterministic=deterministic, rngs=rngs)
+        pe_TxD = jnp.asarray(positional_encoding_sine(self.n_token, self.d_model))
+        cond_pe_CxE = jnp.asarray(positional_encoding_sine(self.cond_n_token, self.cond_d_model))
+
+        n = self.norm1(x_BxTxD)
+        q, k, v = self.mha_q_proj(n, **kw), self.mha_k_proj(n, **kw), self.mha_v_proj(n, **kw)
+        attn = self.mha(q + pe_TxD.astype(q.dtype), k + pe_TxD.astype(k.dtype), v, **kw)
+        x_BxTxD = x_BxTxD + self.dropout1(attn, **kw).astype(jnp.float32)
+
+        n = self.norm2(x_BxTxD)
+        q_cond = self.mha_q_proj(n, **kw)
+        attn = self.cond_mha(q_cond + pe_TxD.astype(q_cond.dtype), cond_BxCxE + cond_pe_CxE, cond_BxCxE, **kw)
+        x_BxTxD = x_BxTxD + self.dropout2(attn, **kw).astype(jnp.float32)
+
+        n = self.norm3(x_BxTxD)
+        hidden = self.ffnn_dropout(_ACTIVATIONS[self.activation](self.ffnn_linear1(n, **kw)), **kw)
+        x_BxTxD = x_BxTxD + self.dropout3(self.ffnn_linear2(hidden, **kw), **kw).astype(jnp.float32)
+        return x_BxTxD
+
+
+class Transformer(nnx.Module):
+    """Learned queries `_embedding` (n_token, d_model), num_layers layers, output Dense `_linear`.
+
+    cond (B, channels, length) normalized pilots -> (B, channels, length): token t's `_linear` output
+    (channels * step) is split into channels rows of step = length / n_token subcarriers at t*step.
+    """
+
+    def __init__(self, length: int, channels: int, num_layers: int, d_model: int, n_token: int, n_head: int,
+                 dim_feedforward: int, dropout: float, activation: str, cond_net: ConditionNetwork, *,
+                 rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        if length % n_token:
+            raise ValueError(f"transformer length={length} is not divisible by n_token={n_token}")
+        self.length, self.channels, self.n_token, self.d_model = length, channels, n_token, d_model
+        self.dtype = dtype
+        self._cond_net = cond_net
+        self._layers = nnx.List([
+            TransformerLayer(d_model, n_token, n_head, dim_feedforward, dropout, activation,
+                             cond_net.d_model, cond_net.n_token, dtype=dtype, rngs=rngs)
+            for _ in range(num_layers)
+        ])
+        self._embedding = nnx.Param(jax.random.normal(rngs.params(), (n_token, d_model), jnp.float32))
+        self._linear = Linear(d_model, channels * length // n_token, dtype=dtype, rngs=rngs)
+
+    def __call__(self, cond_BxCxK: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        c_BxCxE = self._cond_net(cond_BxCxK)
+        batch = c_BxCxE.shape[0]
+        x_BxTxD = jnp.broadcast_to(self._embedding[...], (batch, self.n_token, self.d_model))
+        for layer in self._layers:
+            x_BxTxD = layer(x_BxTxD, c_BxCxE, deterministic=deterministic, rngs=rngs)
+        y_BxTxO = self._linear(x_BxTxD).astype(jnp.float32)
+        y_BxTxCxS = y_BxTxO.reshape(batch, self.n_token, self.channels, -1)
+        return y_BxTxCxS.transpose(0, 2, 1, 3).reshape(batch, self.channels, self.length)
+
+
+class Estimator_v4(nnx.Module):  # noqa: N801 - the original's class name
+    """Transformer channel estimator from the DMRS pilots of OFDM symbol 0.
+
+    Args:
+      cfg: the `ch_estimation` config section (cond, transformer; peft is applied separately by
+        `chest_jax.lora.apply_lora`).
+      dmrs: (start, stop, step) of the pilot subcarriers over the K used subcarriers (`ref_conf_dict.dmrs`).
+      compute_dtype: jnp.float32, or jnp.bfloat16 for mixed precision (matmuls and activations in bf16;
+        parameters, LayerNorm, softmax, the input scale and the outputs in float32).
+    """
+
+    def __init__(self, cfg: ChEstimationConfig, dmrs: tuple[int, int, int] = (0, 3072, 6), *, rngs: nnx.Rngs,
+                 compute_dtype: Any = jnp.float32):
+        tf, cond = cfg.transformer, cfg.cond
+        if cond.length != tf.length:
+            raise ValueError(f"ch_estimation.cond.length={cond.length} must equal "
+                             f"ch_estimation.transformer.length={tf.length} (both are the K used subcarriers)")
+        dmrs_idx = np.arange(*dmrs)
+        if dmrs_idx.size == 0 or dmrs_idx.min() < 0 or dmrs_idx.max() >= tf.length:
+            raise ValueError(f"dmrs={tuple(dmrs)} must select pilots within the {tf.length} used subcarriers; "
+                             "set dataset.ref_conf_dict.dmrs to [start, stop, step] with stop <= K")
+        self.num_subcarriers = tf.length
+        self.dmrs = tuple(int(v) for v in dmrs)
+        self.compute_dtype = compute_dtype
+        cond_net = ConditionNetwork(cond.length, cond.in_channels, cond.step_size, cond.steps_per_token)
+        self.ch_tf = Transformer(tf.length, tf.channels, tf.num_layers, tf.d_model, tf.n_token, tf.n_head,
+                                 tf.dim_feedforward, tf.dropout, tf.activation, cond_net, dtype=compute_dtype,
+                                 rngs=rngs)
+
+    def __call__(self, x_BxSxKx2: jax.Array, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+        """Estimate the channel from `ref_comp_rx_signal`.
+
+        Args:
+          x_BxSxKx2: received grid (B, S, K, re/im), pilots already divided by their known symbol (LS); only
+            symbol 0's DMRS subcarriers are read. S >= 1 (14 for full slots, 1 for pilots-only batches).
+          deterministic: False in training (dropout on); then `rngs` must hold a `dropout` stream.
+          rngs: e.g. `nnx.Rngs(dropout=key)`.
+
+        Returns:
+          h_est_BxKx2: estimated frequency response (B, K, re/im), float32, in the input's linear units.
+          eq_BxSxKx2: zero-forcing equalized grid Y conj(H_est) / |H_est|^2 (B, S, K, re/im), float32,
+            without gradient.
+        """
+        if x_BxSxKx2.ndim != 4 or x_BxSxKx2.shape[2] != self.num_subcarriers or x_BxSxKx2.shape[3] != 2 \
+                or x_BxSxKx2.shape[1] < 1:
+            raise ValueError(f"Estimator_v4 expects input (batch, symbols >= 1, {self.num_subcarriers}, 2), got "
+                             f"{tuple(x_BxSxKx2.shape)}; check dataset.fft_size - num_guard_subcarriers against "
+                             "ch_estimation.transformer.length")
+        if not deterministic and rngs is None:
+            raise ValueError("training mode (deterministic=False) needs dropout keys: pass "
+                             "rngs=nnx.Rngs(dropout=key)")
+        x = x_BxSxKx2.astype(jnp.float32)
+        batch = x.shape[0]
+        pilots = slice(*self.dmrs)
+        c_BxKx2 = jnp.zeros((batch, self.num_subcarriers, 2), jnp.float32).at[:, pilots, :].set(x[:, 0, pilots, :])
+        c_Bx2xK = c_BxKx2.transpose(0, 2, 1)
+        # The floor keeps an all-zero input (and its gradient) finite; any real pilot power is far above it.
+        mean_power_B = jnp.sum(jnp.square(c_Bx2xK), axis=(1, 2)) / self.num_subcarriers
+        scale_Bx1x1 = jnp.sqrt(jnp.maximum(mean_power_B, jnp.finfo(jnp.float32).tiny))[:, None, None]
+
+        h_Bx2xK = self.ch_tf(c_Bx2xK / scale_Bx1x1, deterministic=deterministic, rngs=rngs) * scale_Bx1x1
+        h_est_BxKx2 = h_Bx2xK.transpose(0, 2, 1)
+        return h_est_BxKx2, zero_forcing_equalize(x, jax.lax.stop_gradient(h_est_BxKx2))
+
+
+def zero_forcing_equalize(y_BxSxKx2: jax.Array, h_BxKx2: jax.Array) -> jax.Array:
+    """Y conj(H) / |H|^2 for every symbol, (B, S, K, 2) float32; subcarriers with H == 0 give 0, not NaN."""
+    y_re, y_im = y_BxSxKx2[..., 0], y_BxSxKx2[..., 1]
+    h_re, h_im = h_BxKx2[:, None, :, 0], h_BxKx2[:, None, :, 1]
+    power_Bx1xK = jnp.maximum(jnp.square(h_re) + jnp.square(h_im), jnp.finfo(jnp.float32).tiny)
+    eq_re = (y_re * h_re + y_im * h_im) / power_Bx1xK
+    eq_im = (y_im * h_re - y_re * h_im) / power_Bx1xK
+    return jnp.stack([eq_re, eq_im], axis=-1)
+
+
+def param_count(tree: Any) -> int:
+    """Number of scalar parameters in a pure dict, an `nnx.State` or a tree of `jax.ShapeDtypeStruct`."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def abstract_params(cfg: ChEstimationConfig, dmrs: tuple[int, int, int] = (0, 3072, 6), *,
+                    compute_dtype: Any = jnp.float32) -> dict:
+    """The base model's parameter pure dict as `jax.ShapeDtypeStruct`s (no arrays allocated), for strict restore."""
+    abstract_model = nnx.eval_shape(
+        lambda: Estimator_v4(cfg, dmrs, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
+    return nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))

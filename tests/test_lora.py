@@ -1,0 +1,217 @@
+"""LoRA: injection by target name, exact start from the base, frozen base under training, merge, fingerprints."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from chest_jax import config
+from chest_jax.lora import LoRALinear, apply_lora, merge_lora, params_fingerprint, split_params
+from chest_jax.model import Estimator_v4, Linear, param_count
+
+TINY_DMRS = (0, 384, 6)
+PEFT_R8 = config.PeftConfig(r=8, lora_alpha=16.0, lora_dropout=0.1)
+
+
+def tiny_cfg():
+    return config.from_dict({
+        "dataset": {"fft_size": 512, "num_guard_subcarriers": 128, "ref_conf_dict": {"dmrs": list(TINY_DMRS)}},
+        "ch_estimation": {"cond": {"length": 384, "step_size": 12},
+                          "transformer": {"length": 384, "num_layers": 2, "d_model": 32, "n_token": 32,
+                                          "n_head": 4, "dim_feedforward": 64}},
+    }).ch_estimation
+
+
+def random_input(seed, batch=3, symbols=1):
+    return jax.random.normal(jax.random.key(seed), (batch, symbols, 384, 2), jnp.float32)
+
+
+def flat(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_default_config_r8_adds_114688_parameters():
+    cfg = config.Config().ch_estimation
+
+    def build():
+        model = Estimator_v4(cfg, rngs=nnx.Rngs(0))
+        apply_lora(model, PEFT_R8, rngs=nnx.Rngs(1))
+        return model
+
+    model = nnx.eval_shape(build)
+    lora_state = nnx.state(model, nnx.LoRAParam)
+    assert param_count(lora_state) == 114_688
+    assert param_count(nnx.state(model, nnx.Param)) == 1_712_152 + 114_688
+    lora = flat(nnx.to_pure_dict(lora_state))
+    assert len(lora) == 4 * 7 * 2
+    layer0 = {path: leaf.shape for path, leaf in lora.items() if path.startswith("ch_tf/_layers/0/")}
+    assert sum(np.prod(s) for s in layer0.values()) == 28_672
+    assert layer0["ch_tf/_layers/0/cond_mha/out_proj/lora_A"] == (128, 8)
+    assert layer0["ch_tf/_layers/0/mha/out_proj/lora_B"] == (8, 128)
+    assert layer0["ch_tf/_layers/0/ffnn_linear1/lora_A"] == (128, 8)
+    assert layer0["ch_tf/_layers/0/ffnn_linear1/lora_B"] == (8, 1024)
+
+
+@pytest.fixture()
+def base_and_lora():
+    base = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0))
+    lora = nnx.clone(base)
+    wrapped = apply_lora(lora, PEFT_R8, rngs=nnx.Rngs(1))
+    return base, lora, wrapped
+
+
+def test_apply_lora_wraps_every_target_and_keeps_base_paths(base_and_lora):
+    base, lora, wrapped = base_and_lora
+    assert len(wrapped) == 2 * 7
+    assert "ch_tf._layers.1.cond_mha.out_proj" in wrapped and "ch_tf._layers.0.mha.out_proj" in wrapped
+    assert "ch_tf._linear" not in wrapped
+    _, _, base_state = split_params(lora)
+    base_params = flat(nnx.to_pure_dict(nnx.state(base, nnx.Param)))
+    lora_base_params = flat(nnx.to_pure_dict(base_state))
+    assert lora_base_params.keys() == base_params.keys()
+    for path in base_params:
+        np.testing.assert_array_equal(lora_base_params[path], base_params[path])
+
+
+def test_fresh_lora_model_equals_base_bit_for_bit(base_and_lora):
+    base, lora, _ = base_and_lora
+    x = random_input(0, symbols=14)
+    for got, want in zip(lora(x), base(x)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_lora_linear_formula_and_dropout():
+    layer = LoRALinear(6, 5, r=2, lora_alpha=3.0, lora_dropout=0.5, rngs=nnx.Rngs(0))
+    layer.lora_B[...] = jax.random.normal(jax.random.key(1), (2, 5))
+    layer.bias[...] = jnp.arange(5.0)
+    x = jax.random.normal(jax.random.key(2), (4, 6))
+    expected = x @ layer.kernel[...] + layer.bias[...] + 1.5 * (x @ layer.lora_A[...] @ layer.lora_B[...])
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(layer(x), layer(x, deterministic=True, rngs=nnx.Rngs(dropout=0)))
+    dropped_a = layer(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    dropped_b = layer(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    assert not np.allclose(dropped_a, dropped_b)
+    # PEFT's lora_A init: U(+-1/sqrt(in_features)).
+    assert np.abs(layer.lora_A[...]).max() <= 1 / np.sqrt(6)
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(6, 5, r=0, lora_alpha=1.0, rngs=nnx.Rngs(0))
+
+
+def test_from_linear_keeps_weights():
+    linear = Linear(4, 3, rngs=nnx.Rngs(0))
+    wrapped = LoRALinear.from_linear(linear, r=2, alpha=2.0, dropout=0.0, rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(wrapped.kernel[...], linear.kernel[...])
+    np.testing.assert_array_equal(wrapped.bias[...], linear.bias[...])
+    np.testing.assert_array_equal(wrapped.lora_B[...], 0.0)
+
+
+def _nmse_loss(model, x, h_true, key):
+    h_est, _ = model(x, deterministic=False, rngs=nnx.Rngs(dropout=key))
+    err = jnp.sum(jnp.square(h_est - h_true), axis=(1, 2))
+    return jnp.mean(err / jnp.sum(jnp.square(h_true), axis=(1, 2)))
+
+
+def train_lora_steps(model, num_steps=3):
+    """A few Adam steps on the LoRA leaves only: multi_transform with set_to_zero on the base leaves."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    labels = jax.tree.map(lambda v: "lora" if isinstance(v, nnx.LoRAParam) else "frozen", params,
+                          is_leaf=lambda v: isinstance(v, nnx.Variable))
+    tx = optax.multi_transform(
+        {"lora": optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)), "frozen": optax.set_to_zero()},
+        labels)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, x, h_true, key):
+        loss, grads = jax.value_and_grad(lambda p: _nmse_loss(nnx.merge(graphdef, p), x, h_true, key))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    for i in range(num_steps):
+        x = random_input(100 + i)
+        h_true = jax.random.normal(jax.random.key(200 + i), (3, 384, 2))
+        params, opt_state, _ = step(params, opt_state, x, h_true, jax.random.key(i))
+    nnx.update(model, params)
+
+
+def test_training_lora_only_moves_lora_leaves_and_merge_matches(base_and_lora):
+    base, lora, wrapped = base_and_lora
+    before = flat(nnx.to_pure_dict(nnx.state(lora, nnx.Param)))
+    train_lora_steps(lora)
+    _, lora_state, base_state = split_params(lora)
+    after_base = flat(nnx.to_pure_dict(base_state))
+    after_lora = flat(nnx.to_pure_dict(lora_state))
+    assert after_base.keys() | after_lora.keys() == before.keys()
+    for path, leaf in after_base.items():
+        assert np.asarray(leaf).tobytes() == np.asarray(before[path]).tobytes(), path
+    for path, leaf in after_lora.items():
+        assert not np.array_equal(leaf, before[path]), f"LoRA leaf {path} did not train"
+    # The out_proj adapters are live (the original's attention bypassed them, leaving lora_B at zero).
+    assert np.any(after_lora["ch_tf/_layers/0/mha/out_proj/lora_B"])
+    assert np.any(after_lora["ch_tf/_layers/0/cond_mha/out_proj/lora_B"])
+
+    x = random_input(7, symbols=14)
+    h_lora, eq_lora = lora(x)
+    h_base, _ = base(x)
+    assert not np.allclose(h_lora, h_base)
+    merged = nnx.clone(lora)
+    assert merge_lora(merged) == len(wrapped)
+    assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
+    merged_params = flat(nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
+    assert merged_params.keys() == flat(nnx.to_pure_dict(nnx.state(base, nnx.Param))).keys()
+    h_merged, _ = merged(x)
+    np.testing.assert_allclose(h_merged, h_lora, rtol=1e-5, atol=1e-5 * float(jnp.abs(h_lora).max()))
+    assert merge_lora(merged) == 0
+
+
+def test_split_params_round_trip(base_and_lora):
+    _, lora, _ = base_and_lora
+    lora.ch_tf._layers[0].mha_q_proj.lora_B[...] = jnp.ones((8, 32))
+    graphdef, lora_state, base_state = split_params(lora)
+    assert all(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(lora_state, is_leaf=lambda v: isinstance(
+        v, nnx.Variable)))
+    rebuilt = nnx.merge(graphdef, lora_state, base_state)
+    x = random_input(3)
+    np.testing.assert_array_equal(rebuilt(x)[0], lora(x)[0])
+    plain = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0))
+    _, empty_lora, _ = split_params(plain)
+    assert not jax.tree.leaves(empty_lora)
+    plain.ch_tf.step_counter = nnx.BatchStat(jnp.zeros(()))
+    with pytest.raises(ValueError, match="non-parameter state.*step_counter"):
+        split_params(plain)
+
+
+def test_target_not_found_and_double_apply_are_errors(base_and_lora):
+    base, lora, _ = base_and_lora
+    bad = dataclasses.replace(PEFT_R8, target_modules=("mha_q_proj", "q_proj", "fc1"))
+    with pytest.raises(ValueError, match=r"target modules not found.*\['fc1', 'q_proj'\]"):
+        apply_lora(base, bad, rngs=nnx.Rngs(0))
+    assert not jax.tree.leaves(nnx.state(base, nnx.LoRAParam)), "a failed apply_lora must not modify the model"
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(lora, PEFT_R8, rngs=nnx.Rngs(0))
+
+
+def test_subset_of_targets():
+    model = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0))
+    wrapped = apply_lora(model, dataclasses.replace(PEFT_R8, target_modules=("out_proj",)), rngs=nnx.Rngs(0))
+    assert sorted(wrapped) == sorted(f"ch_tf._layers.{i}.{m}.out_proj" for i in range(2) for m in ("mha", "cond_mha"))
+
+
+def test_fingerprint_stable_and_sensitive(base_and_lora):
+    base, _, _ = base_and_lora
+    params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
+    fingerprint = params_fingerprint(params)
+    assert fingerprint == params_fingerprint(params) == params_fingerprint(nnx.state(base, nnx.Param))
+    assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
+    reordered = {"ch_tf": dict(reversed(list(params["ch_tf"].items())))}
+    assert params_fingerprint(reordered) == fingerprint
+    changed = jax.tree.map(lambda a: a, params)
+    changed["ch_tf"]["_layers"][1]["norm2"]["bias"] = params["ch_tf"]["_layers"][1]["norm2"]["bias"].at[3].add(1e-6)
+    assert params_fingerprint(changed) != fingerprint
+    as_bf16 = jax.tree.map(lambda a: a, params)
+    as_bf16["ch_tf"]["_embedding"] = params["ch_tf"]["_embedding"].astype(jnp.bfloat16)
+    assert params_fingerprint(as_bf16) != fingerprint

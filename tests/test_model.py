@@ -1,0 +1,283 @@
+"""Estimator_v4: parameter tree, shapes, init, dropout, invariances, and a NumPy re-derivation from SPEC 3."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from chest_jax import config
+from chest_jax.model import Estimator_v4, abstract_params, param_count, positional_encoding_sine
+
+TINY_DMRS = (0, 384, 6)
+
+
+def tiny_cfg(**transformer):
+    tf = dict(length=384, num_layers=2, d_model=32, n_token=32, n_head=4, dim_feedforward=64)
+    tf.update(transformer)
+    return config.from_dict({
+        "dataset": {"fft_size": 512, "num_guard_subcarriers": 128, "ref_conf_dict": {"dmrs": list(TINY_DMRS)}},
+        "ch_estimation": {"cond": {"length": 384, "step_size": 12}, "transformer": tf},
+    }).ch_estimation
+
+
+def random_input(seed, batch=3, symbols=14, k=384):
+    return jax.random.normal(jax.random.key(seed), (batch, symbols, k, 2), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0))
+
+
+def flat_shapes(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def expected_default_tree(num_layers=4, d=128, ff=1024, cond_d=24, n_token=256, k=3072):
+    tree = {"ch_tf/_embedding": (n_token, d), "ch_tf/_linear/kernel": (d, 2 * k // n_token),
+            "ch_tf/_linear/bias": (2 * k // n_token,)}
+    for i in range(num_layers):
+        p = f"ch_tf/_layers/{i}/"
+        for norm in ("norm1", "norm2", "norm3"):
+            tree[p + norm + "/scale"] = (d,)
+            tree[p + norm + "/bias"] = (d,)
+        for proj in ("mha_q_proj", "mha_k_proj", "mha_v_proj"):
+            tree[p + proj + "/kernel"] = (d, d)
+            tree[p + proj + "/bias"] = (d,)
+        for mha, kdim in (("mha", d), ("cond_mha", cond_d)):
+            tree[p + mha + "/q_proj_weight"] = (d, d)
+            tree[p + mha + "/k_proj_weight"] = (kdim, d)
+            tree[p + mha + "/v_proj_weight"] = (kdim, d)
+            tree[p + mha + "/in_proj_bias"] = (3 * d,)
+            tree[p + mha + "/out_proj/kernel"] = (d, d)
+            tree[p + mha + "/out_proj/bias"] = (d,)
+        tree[p + "ffnn_linear1/kernel"] = (d, ff)
+        tree[p + "ffnn_linear1/bias"] = (ff,)
+        tree[p + "ffnn_linear2/kernel"] = (ff, d)
+        tree[p + "ffnn_linear2/bias"] = (d,)
+    return tree
+
+
+def test_default_config_parameter_tree_and_count():
+    cfg = config.Config().ch_estimation
+    params = abstract_params(cfg)
+    assert flat_shapes(params) == expected_default_tree()
+    assert param_count(params) == 1_712_152
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    # Positional encodings are constants, not state: the whole state is exactly the parameters.
+    abstract_model = nnx.eval_shape(lambda: Estimator_v4(cfg, rngs=nnx.Rngs(0)))
+    assert flat_shapes(nnx.to_pure_dict(nnx.state(abstract_model))) == flat_shapes(params)
+
+
+@pytest.mark.parametrize("symbols", [14, 1])
+def test_output_shapes_and_dtypes(tiny_model, symbols):
+    h_est, eq = tiny_model(random_input(1, batch=2, symbols=symbols))
+    assert h_est.shape == (2, 384, 2) and h_est.dtype == jnp.float32
+    assert eq.shape == (2, symbols, 384, 2) and eq.dtype == jnp.float32
+    assert np.isfinite(h_est).all() and np.isfinite(eq).all()
+
+
+def test_init_matches_original(tiny_model):
+    params = nnx.to_pure_dict(nnx.state(tiny_model, nnx.Param))
+    layer = params["ch_tf"]["_layers"][0]
+    for norm in ("norm1", "norm2", "norm3"):
+        np.testing.assert_array_equal(layer[norm]["scale"], 1.0)
+        np.testing.assert_array_equal(layer[norm]["bias"], 0.0)
+    for name in ("mha_q_proj", "ffnn_linear1", "ffnn_linear2"):
+        np.testing.assert_array_equal(layer[name]["bias"], 0.0)
+        kernel = np.asarray(layer[name]["kernel"])
+        bound = math.sqrt(6.0 / sum(kernel.shape))  # xavier-uniform
+        assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+    k_proj = np.asarray(layer["cond_mha"]["k_proj_weight"])
+    assert np.abs(k_proj).max() <= math.sqrt(6.0 / (24 + 32))
+    np.testing.assert_array_equal(layer["cond_mha"]["in_proj_bias"], 0.0)
+    out_proj = np.asarray(layer["mha"]["out_proj"]["kernel"])  # torch MHA leaves out_proj at nn.Linear's init
+    assert np.abs(out_proj).max() <= 1 / math.sqrt(32) and np.abs(out_proj).max() > 0.9 / math.sqrt(32)
+    embedding = np.asarray(params["ch_tf"]["_embedding"])
+    assert abs(embedding.mean()) < 0.1 and abs(embedding.std() - 1.0) < 0.1
+
+
+def test_eval_deterministic_and_train_applies_dropout(tiny_model):
+    x = random_input(2)
+    h_eval, _ = tiny_model(x)
+    h_eval_with_rngs, _ = tiny_model(x, deterministic=True, rngs=nnx.Rngs(dropout=5))
+    np.testing.assert_array_equal(h_eval, h_eval_with_rngs)
+    h_a, _ = tiny_model(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    h_a_again, _ = tiny_model(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    h_b, _ = tiny_model(x, deterministic=False, rngs=nnx.Rngs(dropout=2))
+    np.testing.assert_array_equal(h_a, h_a_again)
+    assert not np.allclose(h_a, h_b) and not np.allclose(h_a, h_eval)
+
+
+def test_train_mode_without_rngs_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match="rngs=nnx.Rngs"):
+        tiny_model(random_input(0), deterministic=False)
+
+
+def test_wrong_input_shape_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match="384"):
+        tiny_model(jnp.zeros((2, 14, 512, 2)))
+
+
+@pytest.mark.parametrize("a", [1e-3, 3.7, 250.0])
+def test_scale_equivariance(tiny_model, a):
+    x = random_input(3)
+    h, _ = tiny_model(x)
+    h_scaled, _ = tiny_model(a * x)
+    np.testing.assert_allclose(h_scaled, a * h, rtol=1e-5, atol=1e-6 * a)
+
+
+def test_only_symbol0_pilots_enter_the_estimate(tiny_model):
+    x = random_input(4)
+    not_pilot = np.ones((14, 384, 1), bool)
+    not_pilot[0, slice(*TINY_DMRS)] = False
+    x_changed = jnp.where(not_pilot, random_input(5), x)
+    h, eq = tiny_model(x)
+    h_changed, eq_changed = tiny_model(x_changed)
+    np.testing.assert_array_equal(h, h_changed)
+    assert not np.allclose(eq, eq_changed)
+
+
+def test_all_zero_input_gives_finite_output_and_gradient(tiny_model):
+    h, eq = tiny_model(jnp.zeros((2, 14, 384, 2)))
+    assert np.isfinite(h).all() and np.isfinite(eq).all()
+    graphdef, params = nnx.split(tiny_model, nnx.Param)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(jnp.zeros((2, 1, 384, 2)))[0]))(params)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_equalizer_is_zero_forcing_without_gradient(tiny_model):
+    x = random_input(6, batch=2)
+    h, eq = tiny_model(x)
+    y_c = np.asarray(x[..., 0]) + 1j * np.asarray(x[..., 1])
+    h_c = np.asarray(h[..., 0]) + 1j * np.asarray(h[..., 1])
+    expected = y_c * np.conj(h_c)[:, None] / np.abs(h_c[:, None]) ** 2
+    np.testing.assert_allclose(np.asarray(eq[..., 0]) + 1j * np.asarray(eq[..., 1]), expected, rtol=1e-4, atol=1e-5)
+    graphdef, params = nnx.split(tiny_model, nnx.Param)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)[1]))(params)
+    assert all(not np.any(g) for g in jax.tree.leaves(grads))
+
+
+def test_gelu_and_relu_differ():
+    x = random_input(7)
+    h_relu, _ = Estimator_v4(tiny_cfg(activation="relu"), TINY_DMRS, rngs=nnx.Rngs(0))(x)
+    h_gelu, _ = Estimator_v4(tiny_cfg(activation="gelu"), TINY_DMRS, rngs=nnx.Rngs(0))(x)
+    assert not np.allclose(h_relu, h_gelu, atol=1e-4)
+
+
+def test_jit_matches_eager_in_eval_and_train(tiny_model):
+    x = random_input(8)
+    graphdef, params = nnx.split(tiny_model, nnx.Param)
+
+    def forward(p, x, key, deterministic):
+        return nnx.merge(graphdef, p)(x, deterministic=deterministic, rngs=nnx.Rngs(dropout=key))
+
+    key = jax.random.key(3)
+    jitted = jax.jit(forward, static_argnums=3)
+    for deterministic in (True, False):
+        h_eager, eq_eager = forward(params, x, key, deterministic)
+        h_jit, eq_jit = jitted(params, x, key, deterministic)
+        np.testing.assert_allclose(h_jit, h_eager, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(eq_jit, eq_eager, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_mixed_precision_keeps_float32_params_and_outputs():
+    x = random_input(9)
+    model32 = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0))
+    model16 = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0), compute_dtype=jnp.bfloat16)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model16, nnx.Param)))
+    h32, _ = model32(x)
+    h16, eq16 = model16(x)
+    assert h16.dtype == jnp.float32 and eq16.dtype == jnp.float32
+    relative_error = float(jnp.linalg.norm(h16 - h32) / jnp.linalg.norm(h32))
+    assert 0 < relative_error < 0.05
+
+
+def test_positional_encoding_formula():
+    n, d = 32, 24
+    pe = positional_encoding_sine(n, d)
+    assert pe.shape == (n, d) and pe.dtype == np.float32
+    i = np.arange(1, n + 1)[:, None]
+    j = np.arange(d)[None, :]
+    angle = (i / (n + 1e-6) * 2 * np.pi * n) / n ** (2 * (j // 2) / d)
+    np.testing.assert_allclose(pe, np.where(j % 2 == 0, np.sin(angle), np.cos(angle)), atol=5e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An independent NumPy (float64) re-derivation of the whole forward pass from SPEC 3, in the original's
+# token-major (token, batch, feature) layout.
+
+def _np_layer_norm(x, p):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def _np_mha(query, key, value, p, n_head):
+    d = query.shape[-1]
+    b_q, b_k, b_v = np.split(p["in_proj_bias"], 3)
+    q = (query @ p["q_proj_weight"] + b_q).reshape(*query.shape[:2], n_head, d // n_head)
+    k = (key @ p["k_proj_weight"] + b_k).reshape(*key.shape[:2], n_head, d // n_head)
+    v = (value @ p["v_proj_weight"] + b_v).reshape(*value.shape[:2], n_head, d // n_head)
+    logits = np.einsum("qbhe,kbhe->bhqk", q, k) / np.sqrt(d // n_head)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,kbhe->qbhe", weights, v).reshape(query.shape[0], query.shape[1], d)
+    return out @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
+
+
+def _np_pe(n, d):
+    i = np.arange(1, n + 1)[:, None]
+    j = np.arange(d)[None, :]
+    angle = (i / (n + 1e-6) * 2 * np.pi * n) / n ** (2 * (j // 2) / d)
+    return np.where(j % 2 == 0, np.sin(angle), np.cos(angle))
+
+
+def numpy_reference(params, x, *, n_head, step, n_token, dmrs, activation):
+    x = np.asarray(x, np.float64)
+    batch, _, k, _ = x.shape
+    idx = np.arange(*dmrs)
+    c = np.zeros((batch, 2, k))
+    c[:, :, idx] = x[:, 0, idx, :].transpose(0, 2, 1)
+    s = np.sqrt((c ** 2).sum((1, 2)) / k)[:, None, None]
+    c = c / s
+    cond = c.reshape(batch, 2, k // step, step).transpose(2, 0, 1, 3).reshape(k // step, batch, 2 * step)
+    tf = params["ch_tf"]
+    emb = tf["_embedding"]
+    h = np.repeat(emb[:, None, :], batch, axis=1)
+    pe = _np_pe(n_token, emb.shape[1])[:, None, :]
+    cond_pe = _np_pe(k // step, 2 * step)[:, None, :]
+    act = {"relu": lambda v: np.maximum(v, 0),
+           "gelu": lambda v: 0.5 * v * (1 + np.vectorize(math.erf)(v / np.sqrt(2)))}[activation]
+    dense = lambda v, p: v @ p["kernel"] + p["bias"]  # noqa: E731
+    for i in sorted(tf["_layers"]):
+        p = tf["_layers"][i]
+        n = _np_layer_norm(h, p["norm1"])
+        q, kk, v = dense(n, p["mha_q_proj"]), dense(n, p["mha_k_proj"]), dense(n, p["mha_v_proj"])
+        h = h + _np_mha(q + pe, kk + pe, v, p["mha"], n_head)
+        n = _np_layer_norm(h, p["norm2"])
+        h = h + _np_mha(dense(n, p["mha_q_proj"]) + pe, cond + cond_pe, cond, p["cond_mha"], n_head)
+        n = _np_layer_norm(h, p["norm3"])
+        h = h + dense(act(dense(n, p["ffnn_linear1"])), p["ffnn_linear2"])
+    y = dense(h, tf["_linear"])  # (token, batch, 2 * K / n_token)
+    y = y.reshape(n_token, batch, 2, -1).transpose(1, 2, 0, 3).reshape(batch, 2, k) * s
+    return y.transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_matches_numpy_rederivation_of_spec(activation):
+    model = Estimator_v4(tiny_cfg(activation=activation), TINY_DMRS, rngs=nnx.Rngs(4))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    # Non-zero biases and norms, so every bias and LayerNorm parameter is exercised.
+    params = jax.tree.map(lambda a: a + 0.05 * np.random.default_rng(a.size).standard_normal(a.shape), params)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params))
+    nnx.update(model, state)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    x = random_input(10, batch=2, symbols=2)
+    h, _ = model(x)
+    expected = numpy_reference(params, x, n_head=4, step=12, n_token=32, dmrs=TINY_DMRS, activation=activation)
+    np.testing.assert_allclose(h, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
