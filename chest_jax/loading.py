@@ -1,0 +1,165 @@
+"""Building `Estimator_v4` models from configs and checkpoints, always strictly.
+
+Used by training (the LoRA base), by `compare.py` and by the importer; it knows models and checkpoint files,
+not training loops.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from chest_jax import checkpoint as ckpt
+from chest_jax import config as config_lib
+from chest_jax.lora import apply_lora, params_fingerprint
+from chest_jax.model import Estimator_v4, abstract_params
+
+
+def compute_dtype(cfg: config_lib.Config):
+    return jnp.bfloat16 if cfg.training.precision == "bfloat16" else jnp.float32
+
+
+def new_model(cfg: config_lib.Config, key: jax.Array) -> Estimator_v4:
+    """A freshly initialised plain `Estimator_v4` (LoRA leaves are added by `apply_lora`)."""
+    return Estimator_v4(cfg.ch_estimation, cfg.dataset.ref_conf_dict.dmrs, rngs=nnx.Rngs(params=key),
+                        compute_dtype=compute_dtype(cfg))
+
+
+def model_params(model: nnx.Module) -> dict:
+    """Every parameter (LoRA leaves included) as a pure nested dict."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def set_params(model: nnx.Module, params: Any) -> None:
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+
+
+def abstract_base_params(cfg: config_lib.Config) -> dict:
+    return abstract_params(cfg.ch_estimation, cfg.dataset.ref_conf_dict.dmrs)
+
+
+def abstract_model_params(model: nnx.Module) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model_params(model))
+
+
+def _model_hint(stored_cfg: config_lib.Config | None, cfg: config_lib.Config) -> str:
+    if stored_cfg is None:
+        return ""
+    diffs = []
+    for section in ("cond", "transformer"):
+        a = config_lib.to_dict(getattr(stored_cfg.ch_estimation, section))
+        b = config_lib.to_dict(getattr(cfg.ch_estimation, section))
+        diffs += [f"ch_estimation.{section}.{k}: checkpoint {a[k]!r}, config {b[k]!r}" for k in a if a[k] != b[k]]
+    if stored_cfg.dataset.ref_conf_dict.dmrs != cfg.dataset.ref_conf_dict.dmrs:
+        diffs.append(f"dataset.ref_conf_dict.dmrs: checkpoint {list(stored_cfg.dataset.ref_conf_dict.dmrs)}, "
+                     f"config {list(cfg.dataset.ref_conf_dict.dmrs)}")
+    if not diffs:
+        return ""
+    return "The checkpoint was trained with a different model config:\n  " + "\n  ".join(diffs) + \
+        "\nUse the checkpoint's model settings in your config, or train a new base."
+
+
+def restore_base(path: str | Path, cfg: config_lib.Config, *, config_source: str, output_dir: str = "runs",
+                 key: jax.Array | None = None) -> tuple[Estimator_v4, dict, Path]:
+    """A plain `Estimator_v4` for `cfg`, filled strictly from a model checkpoint (base or merged)."""
+    path = ckpt.resolve_model_path(path, output_dir)
+    meta = ckpt.read_meta(path)
+    if meta.get("kind") not in ckpt.MODEL_KINDS:
+        raise ckpt.CheckpointError(f"{path} holds a '{meta.get('kind')}' checkpoint, not a model "
+                                   "(for an adapter, give BASE+ADAPTER or the LoRA run directory)")
+    stored_cfg = None
+    try:
+        stored_cfg = ckpt.config_from_meta(meta, path)
+    except Exception:  # noqa: BLE001 - a missing stored config only loses the hint
+        pass
+    params = ckpt.restore_tree(path, abstract_base_params(cfg), hint=_model_hint(stored_cfg, cfg),
+                               expected_from=f"the model config of {config_source}")
+    model = nnx.eval_shape(lambda: new_model(cfg, jax.random.key(0)))
+    set_params(model, params)
+    fingerprint = params_fingerprint(params)
+    if meta.get("fingerprint") and meta["fingerprint"] != fingerprint:
+        raise ckpt.CheckpointError(f"checkpoint {path}: its parameters do not match the fingerprint recorded when "
+                                   "it was saved; the files were modified or damaged")
+    return model, meta, path
+
+
+def attach_adapter(model: Estimator_v4, adapter_path: str | Path, *, base_fingerprint: str,
+                   key: jax.Array) -> tuple[dict, config_lib.Config]:
+    """Add LoRA leaves to `model` (in place) and fill them strictly from an adapter trained on this base."""
+    adapter_path = Path(adapter_path)
+    meta = ckpt.read_meta(adapter_path)
+    if meta.get("kind") != "adapter":
+        raise ckpt.CheckpointError(f"{adapter_path} holds a '{meta.get('kind')}' checkpoint, not an adapter")
+    if meta.get("base_fingerprint") and meta["base_fingerprint"] != base_fingerprint:
+        raise ckpt.CheckpointError(
+            f"adapter {adapter_path} was trained on a different base model (base fingerprint "
+            f"{meta['base_fingerprint'][:12]}..., this base {base_fingerprint[:12]}...); apply it to the base it "
+            f"was trained on{': ' + meta['base_path'] if meta.get('base_path') else ''}")
+    adapter_cfg = ckpt.config_from_meta(meta, adapter_path)
+    apply_lora(model, adapter_cfg.ch_estimation.peft, rngs=nnx.Rngs(params=key))
+    full = abstract_model_params(model)
+    lora_abstract = lora_subtree(full)
+    lora, _, _ = ckpt.load_adapter(adapter_path, lora_abstract)
+    set_params(model, deep_merge(model_params(model), lora))
+    return meta, adapter_cfg
+
+
+def lora_subtree(tree: dict) -> dict:
+    """The LoRA leaves (`lora_A`, `lora_B`) of a pure parameter dict, keeping their paths."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            sub = lora_subtree(v)
+            if sub:
+                out[k] = sub
+        elif k in ("lora_A", "lora_B"):
+            out[k] = v
+    return out
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_model(spec: str, *, output_dir: str = "runs") -> tuple[Estimator_v4, config_lib.Config, dict]:
+    """A model for evaluation from `PATH` (model checkpoint, run directory or run name) or `BASE+ADAPTER`.
+
+    The model config comes from the checkpoint itself; the restore is still strict against it.
+    """
+    base_spec, _, adapter_spec = spec.partition("+")
+    base_path = ckpt.resolve_model_path(base_spec, output_dir)
+    cfg = ckpt.config_from_meta(ckpt.read_meta(base_path), base_path)
+    model, meta, _ = restore_base(base_path, cfg, config_source=f"{base_path}/meta")
+    if adapter_spec:
+        adapter_path = Path(adapter_spec)
+        if (adapter_path / "adapter").is_dir():
+            adapter_path = adapter_path / "adapter"
+        meta, _ = attach_adapter(model, adapter_path, base_fingerprint=params_fingerprint(model_params(model)),
+                                 key=jax.random.key(0))
+    return model, cfg, meta
+
+
+def make_predict_fn(model: Estimator_v4) -> Callable[[Any], tuple[jax.Array, jax.Array]]:
+    """A jitted eval-mode `inputs_BxSxKx2 -> (h_est_BxKx2, eq_BxSxKx2)`."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def predict(inputs):
+        return nnx.merge(graphdef, state)(jnp.asarray(inputs, jnp.float32), deterministic=True)
+
+    return predict
+
+
+def nmse_per_sample(h_true_BxK: jax.Array, h_est_BxKx2: jax.Array) -> jax.Array:
+    """sum |H - H_est|^2 / sum |H|^2 per sample (SPEC section 4), linear."""
+    err = jnp.sum((h_est_BxKx2[..., 0] - h_true_BxK.real) ** 2 + (h_est_BxKx2[..., 1] - h_true_BxK.imag) ** 2, -1)
+    return err / jnp.maximum(jnp.sum(jnp.abs(h_true_BxK) ** 2, -1), np.finfo(np.float32).tiny)

@@ -1,0 +1,136 @@
+"""Figures as PNG files (matplotlib, Agg backend: no display needed). Every function closes its figure."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _complex(x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    if np.iscomplexobj(x):
+        return x
+    if x.shape[-1:] != (2,):
+        raise ValueError(f"expected a complex (B, K) array or a real (B, K, 2) one; got {x.dtype} {x.shape}")
+    return x[..., 0] + 1j * x[..., 1]
+
+
+def _save(fig: Any, path: str | Path) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return str(path)
+
+
+def plot_channel_estimates(h_true_BxK: Any, h_est_BxK: Any, path: str | Path, title: str = "") -> str:
+    """True vs estimated channel over the used subcarriers: one row per sample, real and imaginary parts.
+
+    Channels are complex (B, K) or real (B, K, 2), in the generator's units (sqrt(mW)); returns the path.
+    """
+    h_true, h_est = _complex(h_true_BxK), _complex(h_est_BxK)
+    if h_true.shape != h_est.shape or h_true.ndim != 2:
+        raise ValueError(f"true {h_true.shape} and estimated {h_est.shape} channels must both be (B, K)")
+    num_samples = h_true.shape[0]
+    fig, axes = plt.subplots(num_samples, 2, figsize=(12, 2.6 * num_samples + 0.6), squeeze=False,
+                             sharex=True)
+    k = np.arange(h_true.shape[1])
+    for b in range(num_samples):
+        for col, (part, name) in enumerate(((np.real, "Re"), (np.imag, "Im"))):
+            ax = axes[b, col]
+            ax.plot(k, part(h_true[b]), color="black", lw=1.2, label="true")
+            ax.plot(k, part(h_est[b]), color="tab:red", lw=0.9, ls="--", label="estimated")
+            ax.set_ylabel(f"{name} H  (sample {b})")
+            ax.grid(alpha=0.3)
+            if b == 0:
+                ax.legend(loc="upper right", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("used subcarrier index k")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_nmse_bars(entries: Sequence[Mapping[str, Any]], path: str | Path, title: str,
+                   reference_lines: Optional[Mapping[str, float]] = None) -> str:
+    """Bar chart of NMSE (dB) per estimator on one test set.
+
+    entries: dicts with `label`, `nmse_db`, optional `nmse_db_std` (spread over seeds, drawn as an error
+    bar), `n_seeds` and `kind` ("model" or "baseline"; baselines are hatched grey). reference_lines maps
+    a name to an NMSE (dB) drawn as a dashed horizontal line across the chart.
+    """
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(entries) + 4.5), 4.8))
+    x = np.arange(len(entries))
+    values = [float(e["nmse_db"]) for e in entries]
+    stds = [float(e.get("nmse_db_std") or 0.0) for e in entries]
+    is_model = [e.get("kind", "model") == "model" for e in entries]
+    colors = [plt.cm.tab10(i % 10) if m else "0.75" for i, m in enumerate(is_model)]
+    bars = ax.bar(x, values, yerr=stds, color=colors, edgecolor="black", capsize=5,
+                  hatch=None, error_kw={"elinewidth": 1.2})
+    for bar, model in zip(bars, is_model):
+        if not model:
+            bar.set_hatch("//")
+    for xi, value, std, entry in zip(x, values, stds, entries):
+        label = f"{value:.2f}" + (f"\n±{std:.2f}" if std else "")
+        n = entry.get("n_seeds")
+        if n and n > 1:
+            label += f"\n(n={n})"
+        ax.annotate(label, (xi, value), xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=8, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+    styles = iter(["--", ":", "-.", (0, (5, 2, 1, 2))])
+    for name, value in (reference_lines or {}).items():
+        ax.axhline(value, color="black", lw=1.0, ls=next(styles, "--"), label=f"{name}: {value:.2f} dB")
+    ax.set_xticks(x, [e["label"] for e in entries], rotation=20, ha="right")
+    ax.set_ylabel("NMSE (dB), mean of per-sample NMSE; lower is better")
+    low = min(v - s for v, s in zip(values, stds))
+    ax.set_ylim(min(low * 1.15, low - 3.0), 0.0)
+    ax.grid(axis="y", alpha=0.3)
+    if reference_lines:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="reference", title_fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_nmse_vs_distance(distances_m: Sequence[float], series: Mapping[str, Mapping[str, Any]],
+                          path: str | Path, title: str) -> str:
+    """NMSE (dB) against the Tx-Rx distance (m, log axis), one curve per estimator.
+
+    series maps a label to a dict with `nmse_db` (one value per distance), optional `nmse_db_std` (spread
+    over seeds, drawn as a band) and `kind` ("model" solid with markers, "baseline" dashed grey tones).
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    distances = np.asarray(distances_m, dtype=float)
+    model_index = 0
+    baseline_styles = iter([("0.2", "--", "s"), ("0.45", ":", "^"), ("0.6", "-.", "v"), ("0.7", "--", "x")])
+    for label, s in series.items():
+        values = np.asarray(s["nmse_db"], dtype=float)
+        if s.get("kind", "model") == "model":
+            color, ls, marker = plt.cm.tab10(model_index % 10), "-", "o"
+            model_index += 1
+        else:
+            color, ls, marker = next(baseline_styles, ("0.5", "--", "."))
+        ax.plot(distances, values, color=color, ls=ls, marker=marker, ms=4, label=label)
+        std = s.get("nmse_db_std")
+        if std is not None and any(v for v in std if v is not None and not math.isnan(v)):
+            std = np.asarray([0.0 if v is None else v for v in std], dtype=float)
+            ax.fill_between(distances, values - std, values + std, color=color, alpha=0.2, lw=0)
+    ax.set_xscale("log")
+    ax.set_xticks(distances, [f"{d:g}" for d in distances])
+    ax.minorticks_off()
+    ax.set_xlabel("Tx-Rx distance (m), log scale")
+    ax.set_ylabel("NMSE (dB), mean of per-sample NMSE; lower is better")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,104 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chest_jax import checkpoint as ckpt
+from chest_jax import config as C
+from chest_jax import loading
+from chest_jax.train import TrainingError, run_training
+from conftest import quiet
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_params(run_dir):
+    model, _, _ = loading.load_model(str(run_dir))
+    return loading.model_params(model)
+
+
+def test_training_reduces_the_loss(tiny_cfg):
+    # an easy channel population (nearly flat RMa, no random delay) so a tiny model learns within 60 steps
+    cfg = tiny_cfg("training.num_iter=60", "training.evaluation_step=60", "training.model_save_step=60",
+                   "training.logging_step=5", "ch_estimation.transformer.dropout=0.0", "training.lr=1e-2",
+                   "training.num_warmup_steps=5", "dataset.max_random_tap_delay_cp_proportion=0",
+                   "dataset.channel_type=[RMa_Los]")
+    result = run_training(cfg, kind="base", log=quiet, progress=False)
+    losses = [m["loss"] for m in _metrics(result.run_dir) if "loss" in m]
+    assert np.mean(losses[-3:]) < 0.3 * np.mean(losses[:2])
+    assert (result.run_dir / "final").is_dir() and (result.run_dir / "config.yaml").is_file()
+    assert list((result.run_dir / "plots").glob("eval_*.png"))
+    assert result.val_nmse_db is not None and np.isfinite(result.val_nmse_db)
+
+
+def test_save_restore_gives_identical_outputs(tiny_cfg):
+    cfg = tiny_cfg("training.num_iter=5")
+    result = run_training(cfg, kind="base", log=quiet, progress=False)
+    model, saved_cfg, meta = loading.load_model(str(result.run_dir))
+    assert saved_cfg == cfg and meta["kind"] == "base" and meta["step"] == 5
+    x = jax.random.normal(jax.random.key(0), (3, 1, 384, 2))
+    again, _, _ = loading.load_model(str(result.run_dir / "final"))
+    np.testing.assert_array_equal(loading.make_predict_fn(model)(x)[0], loading.make_predict_fn(again)(x)[0])
+    ckpt_params = ckpt.restore_tree(result.run_dir / "checkpoints" / "5", loading.abstract_model_params(model),
+                                    expected_from="test")
+    jax.tree.map(np.testing.assert_array_equal, ckpt_params, loading.model_params(model))
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, tiny_cfg):
+    full = tiny_cfg("training.saved_model_name=full")
+    run_training(full, kind="base", log=quiet, progress=False)
+    part = tiny_cfg("training.saved_model_name=part")
+    first = run_training(part, kind="base", stop_after=7, log=quiet, progress=False)
+    assert first.interrupted and first.final_step == 7 and not (first.run_dir / "final").exists()
+    second = run_training(part, kind="base", resume=True, log=quiet, progress=False)
+    assert second.final_step == 20
+    jax.tree.map(np.testing.assert_array_equal, _final_params(first.run_dir), _final_params(tmp_path / "runs/full"))
+
+
+def test_existing_run_is_never_overwritten_silently(tiny_cfg):
+    cfg = tiny_cfg("training.num_iter=2")
+    result = run_training(cfg, kind="base", log=quiet, progress=False)
+    before = (result.run_dir / "final").stat().st_mtime_ns
+    with pytest.raises(TrainingError, match="already holds a run.*--resume.*saved_model_name.*--overwrite"):
+        run_training(cfg, kind="base", log=quiet, progress=False)
+    assert (result.run_dir / "final").stat().st_mtime_ns == before
+    run_training(cfg, kind="base", overwrite=True, log=quiet, progress=False)
+    with pytest.raises(TrainingError, match="config differs"):
+        run_training(C.load(None, [*_overrides_of(cfg), "training.lr=0.5"]), kind="base", resume=True, log=quiet,
+                     progress=False)
+
+
+def _overrides_of(cfg):
+    from conftest import TINY
+    return [*TINY, f"training.output_dir={cfg.training.output_dir}", "training.num_iter=2"]
+
+
+def test_config_error_stops_before_training(tiny_cfg, tmp_path):
+    with pytest.raises(C.ConfigError, match="ch_estimation.peft"):
+        run_training(tiny_cfg(), kind="lora", log=quiet, progress=False)
+    with pytest.raises(C.ConfigError, match="pretrained_model_name"):
+        run_training(tiny_cfg("ch_estimation.peft={r: 2}"), kind="lora", log=quiet, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_lora_without_a_base_stops_before_training(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("ch_estimation.peft={r: 2}", "training.pretrained_model_name=" + str(tmp_path / "nothing"))
+    with pytest.raises(ckpt.CheckpointError, match="no model checkpoint found"):
+        run_training(cfg, kind="lora", log=quiet, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_optimizers_and_schedule(tiny_cfg):
+    from chest_jax.optim import learning_rate_schedule, make_optimizer
+    t = tiny_cfg("training.num_iter=100", "training.num_warmup_steps=10").training
+    sched = learning_rate_schedule(t)
+    assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(t.lr) and float(sched(100)) < 1e-9
+    params = {"w": jnp.ones(3)}
+    for name in ("adam", "adamw", "sgd"):
+        tx = make_optimizer(tiny_cfg(f"training.optimizer={name}").training)
+        updates, _ = tx.update({"w": jnp.full(3, 100.0)}, tx.init(params), params)
+        assert np.all(np.isfinite(np.asarray(updates["w"])))
