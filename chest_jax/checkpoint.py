@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -272,7 +273,7 @@ class TrainCheckpoints:
             except CheckpointError as e:
                 if "does not match" in str(e):
                     raise
-                kept = self.dir.parent / "damaged_checkpoints" / str(step)
+                kept = self.dir.parent / "damaged_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
                 kept.parent.mkdir(exist_ok=True)
                 shutil.move(str(path), str(kept))
                 warn(f"warning: checkpoint step {step} is unreadable and was skipped (moved to {kept}): "

@@ -279,6 +279,17 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="output directory (default: compare.out_dir)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    from chest_jax.channels import PDPError
+    from chest_jax.checkpoint import CheckpointError
+    try:
+        return _run_cli(args, config_lib, loading)
+    except (config_lib.ConfigError, CheckpointError, PDPError, ValueError, OSError) as e:
+        import sys
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_cli(args, config_lib, loading) -> int:
     cfg = config_lib.load(args.config, args.overrides)
     specs = args.models if args.models is not None else list(cfg.compare.models)
     spec = ofdm.FrameSpec.from_config(cfg.dataset)

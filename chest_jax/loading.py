@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from chest_jax import checkpoint as ckpt
@@ -157,9 +156,3 @@ def make_predict_fn(model: Estimator_v4) -> Callable[[Any], tuple[jax.Array, jax
         return nnx.merge(graphdef, state)(jnp.asarray(inputs, jnp.float32), deterministic=True)
 
     return predict
-
-
-def nmse_per_sample(h_true_BxK: jax.Array, h_est_BxKx2: jax.Array) -> jax.Array:
-    """sum |H - H_est|^2 / sum |H|^2 per sample (SPEC section 4), linear."""
-    err = jnp.sum((h_est_BxKx2[..., 0] - h_true_BxK.real) ** 2 + (h_est_BxKx2[..., 1] - h_true_BxK.imag) ** 2, -1)
-    return err / jnp.maximum(jnp.sum(jnp.abs(h_true_BxK) ** 2, -1), np.finfo(np.float32).tiny)

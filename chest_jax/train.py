@@ -69,6 +69,13 @@ class RunResult:
 # Step functions
 
 
+def nmse_loss_terms(h_true_BxK: jax.Array, h_est_BxKx2: jax.Array) -> jax.Array:
+    """Per-sample NMSE sum|H - H_est|^2 / sum|H|^2 (linear), differentiable; `evaluate.nmse_per_sample` is the
+    same definition in float64 NumPy for reporting."""
+    err = jnp.sum((h_est_BxKx2[..., 0] - h_true_BxK.real) ** 2 + (h_est_BxKx2[..., 1] - h_true_BxK.imag) ** 2, -1)
+    return err / jnp.maximum(jnp.sum(jnp.abs(h_true_BxK) ** 2, -1), np.finfo(np.float32).tiny)
+
+
 def sample_batch(step, data_key, bank, spec, batch_size, distance_range):
     """The training batch of `step` (pilots only); also the seam tests use to inject faults."""
     return ofdm.generate_batch(jax.random.fold_in(data_key, step), bank, spec, batch_size, distance_range, full=False)
@@ -79,7 +86,7 @@ def make_train_step(graphdef, tx, spec: ofdm.FrameSpec, batch_size: int, loss_we
     def loss_fn(trainable, frozen, batch, dropout_key):
         model = nnx.merge(graphdef, trainable, frozen)
         h_est, _ = model(batch.inputs, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
-        nmse = loading.nmse_per_sample(batch.h, h_est.astype(jnp.float32))
+        nmse = nmse_loss_terms(batch.h, h_est.astype(jnp.float32))
         return loss_weight * jnp.mean(nmse), nmse
 
     def train_step(state: TrainState, frozen, bank, distance_range, data_key, dropout_key):
@@ -110,7 +117,7 @@ def make_eval_fn(graphdef) -> Callable:
     @jax.jit
     def eval_nmse(trainable, frozen, inputs, h):
         h_est, _ = nnx.merge(graphdef, trainable, frozen)(inputs, deterministic=True)
-        return loading.nmse_per_sample(h, h_est.astype(jnp.float32)), h_est
+        return nmse_loss_terms(h, h_est.astype(jnp.float32)), h_est
 
     return eval_nmse
 
@@ -247,12 +254,26 @@ def make_mesh(cfg: config_lib.Config) -> jax.sharding.Mesh:
 
 
 def maybe_initialize_distributed(log=print) -> None:
-    """Multi-host runs: call jax.distributed.initialize when a cluster launcher set the environment."""
-    markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-    if any(os.environ.get(m) for m in markers) and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-        jax.distributed.initialize(coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"))
-        log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
-            f"{jax.local_device_count()} local / {jax.device_count()} global devices")
+    """Multi-host runs: call jax.distributed.initialize once per process when the environment names a cluster.
+
+    JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID) for any launcher; Slurm and Open MPI with more
+    than one task are detected by JAX itself.
+    """
+    env = os.environ
+    multi = (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
+             or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if not multi or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+        if env.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+        if env.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    log(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} local / {jax.device_count()} global devices")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,9 +395,13 @@ def run_training(cfg: config_lib.Config, *, kind: str, resume: bool = False, ove
                 h_est_first = np.asarray(h_est)
         return float(10 * np.log10(np.mean(np.concatenate(nmse_parts)))), h_est_first
 
+    saved: dict[int, Path] = {}
+
     def save_checkpoint(step: int) -> Path:
-        params = loading.deep_merge(state.trainable, frozen) if kind == "lora" else state.trainable
-        return checkpoints.save(step, params, state.opt_state, {"kind": kind, **origin})
+        if step not in saved:
+            params = loading.deep_merge(state.trainable, frozen) if kind == "lora" else state.trainable
+            saved[step] = checkpoints.save(step, params, state.opt_state, {"kind": kind, **origin})
+        return saved[step]
 
     metrics_log = MetricsLog(run_dir, cfg, log)
     log(f"run directory: {run_dir}  (devices: {mesh.size} x {jax.devices()[0].platform})")
@@ -434,18 +459,20 @@ def run_training(cfg: config_lib.Config, *, kind: str, resume: bool = False, ove
                 if stop_after is not None and step < t.num_iter:
                     last_good = save_checkpoint(step)
                     interrupted = True
+    except BaseException:
+        metrics_log.close()
+        raise
     finally:
         bar.close()
-        metrics_log.close()
     if interrupted:
+        metrics_log.close()
         checkpoints.close()
         return RunResult(run_dir, step, None, val_db, interrupted=True)
 
     if step % t.evaluation_step:
         val_db, _ = validate()
         metrics_log.write({"step": step, "val_nmse_db": val_db})
-    if not ckpt.TrainCheckpoints(run_dir).all_steps() or ckpt.TrainCheckpoints(run_dir).all_steps()[-1] != step:
-        save_checkpoint(step)
+    save_checkpoint(step)
     checkpoints.close()
     final_model = nnx.merge(graphdef, jax.device_get(state.trainable), jax.device_get(frozen))
     adapter_path = None
@@ -464,6 +491,7 @@ def run_training(cfg: config_lib.Config, *, kind: str, resume: bool = False, ove
         "adapter": str(adapter_path) if adapter_path else None, "trainable_params": n_train, "total_params": n_total})
     log(f"final model: {final_path}" + (f"; adapter: {adapter_path}" if adapter_path else "")
         + (f"; validation NMSE {val_db:.2f} dB" if val_db is not None else ""))
+    metrics_log.close()
     return RunResult(run_dir, step, final_path, val_db, adapter_path=adapter_path)
 
 

@@ -281,3 +281,17 @@ def test_matches_numpy_rederivation_of_spec(activation):
     h, _ = model(x)
     expected = numpy_reference(params, x, n_head=4, step=12, n_token=32, dmrs=TINY_DMRS, activation=activation)
     np.testing.assert_allclose(h, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_dropout_masks_keep_the_right_fraction_and_are_independent():
+    from chest_jax.model import dropout_bits
+    bits = np.asarray(dropout_bits(jax.random.key(0), (64, 256, 256)))
+    u = bits.astype(np.float64) / 2.0**32
+    assert abs(u.mean() - 0.5) < 1e-3 and abs(u.var() - 1 / 12) < 1e-3
+    keep = u >= 0.1
+    assert abs(keep.mean() - 0.9) < 2e-3
+    flat = u.ravel()
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 5e-3
+    other = np.asarray(dropout_bits(jax.random.key(1), (64, 256, 256))).astype(np.float64) / 2.0**32
+    assert abs(np.corrcoef(flat, other.ravel())[0, 1]) < 5e-3
+    np.testing.assert_array_equal(bits, np.asarray(dropout_bits(jax.random.key(0), (64, 256, 256))))

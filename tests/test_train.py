@@ -102,3 +102,18 @@ def test_optimizers_and_schedule(tiny_cfg):
         tx = make_optimizer(tiny_cfg(f"training.optimizer={name}").training)
         updates, _ = tx.update({"w": jnp.full(3, 100.0)}, tx.init(params), params)
         assert np.all(np.isfinite(np.asarray(updates["w"])))
+
+
+def test_wandb_without_network_falls_back_to_offline(tiny_cfg, monkeypatch, tmp_path):
+    pytest.importorskip("wandb")
+    from chest_jax import train
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(train, "_network_reachable", lambda *a, **k: False)
+    lines = []
+    cfg = tiny_cfg("training.num_iter=2", "training.use_wandb=true", "training.wandb_mode=online")
+    result = run_training(cfg, kind="base", log=lines.append, progress=False)
+    assert any("no network" in l and "offline" in l and "wandb sync" in l for l in lines), lines
+    assert list((result.run_dir / "wandb").glob("offline-run-*"))
+    assert (result.run_dir / "final").is_dir()
