@@ -552,7 +552,7 @@ def cli(kind: str, argv: list[str] | None = None) -> int:
     try:
         cfg = config_lib.load(args.config, args.overrides)
         run_training(cfg, kind=kind, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except (config_lib.ConfigError, ckpt.CheckpointError, channels.PDPError, TrainingError) as e:
+    except (config_lib.ConfigError, ckpt.CheckpointError, channels.PDPError, TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
