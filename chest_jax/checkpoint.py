@@ -16,11 +16,10 @@ Orbax alone reports only the first mismatch and casts dtypes silently (see JAX_N
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -30,7 +29,6 @@ from chest_jax import config as config_lib
 
 FORMAT_VERSION = 1
 MODEL_KINDS = ("base", "merged")
-log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -294,11 +292,3 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     tmp.replace(path)
-
-
-def remove_paths(paths: Iterable[Path]) -> None:
-    for p in paths:
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()

@@ -429,13 +429,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base_path = (path.parent / base).resolve()
     if base_path in seen:
         raise ConfigError(f"{path}: _base_ chain loops back to {base_path}")
-    return _deep_merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
+    return deep_merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, merging nested dicts key by key."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -105,7 +105,7 @@ def attach_adapter(model: Estimator_v4, adapter_path: str | Path, *, base_finger
     full = abstract_model_params(model)
     lora_abstract = lora_subtree(full)
     lora, _, _ = ckpt.load_adapter(adapter_path, lora_abstract)
-    set_params(model, deep_merge(model_params(model), lora))
+    set_params(model, config_lib.deep_merge(model_params(model), lora))
     return meta, adapter_cfg
 
 
@@ -119,13 +119,6 @@ def lora_subtree(tree: dict) -> dict:
                 out[k] = sub
         elif k in ("lora_A", "lora_B"):
             out[k] = v
-    return out
-
-
-def deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

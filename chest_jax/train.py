@@ -399,7 +399,7 @@ def run_training(cfg: config_lib.Config, *, kind: str, resume: bool = False, ove
 
     def save_checkpoint(step: int) -> Path:
         if step not in saved:
-            params = loading.deep_merge(state.trainable, frozen) if kind == "lora" else state.trainable
+            params = config_lib.deep_merge(state.trainable, frozen) if kind == "lora" else state.trainable
             saved[step] = checkpoints.save(step, params, state.opt_state, {"kind": kind, **origin})
         return saved[step]
 
