@@ -42,7 +42,8 @@ from chest_jax import channels, loading, ofdm  # noqa: E402
 from chest_jax import config as C  # noqa: E402
 from chest_jax.model import param_count  # noqa: E402
 from chest_jax.optim import make_optimizer  # noqa: E402
-from chest_jax.train import TrainState, make_train_step, nmse_loss_terms, run_training  # noqa: E402
+from chest_jax.losses import nmse_per_sample as nmse_loss_terms  # noqa: E402
+from chest_jax.train import TrainState, make_train_step, run_training  # noqa: E402
 
 DEFAULT_CONFIG = _common.REPO / "configs" / "base.yaml"
 INFER_BATCH_SIZES = (1, 32)
@@ -159,7 +160,8 @@ def bench_train_step(s: Setup, timing: Timing) -> dict[str, float]:
 
 def bench_end_to_end_step(s: Setup, timing: Timing) -> dict[str, float]:
     """`train.make_train_step` as training runs it: a fresh batch generated on the device inside every step."""
-    step_fn = make_train_step(s.graphdef, s.tx, s.spec, s.batch_size, s.cfg.training.ch_loss_weight)
+    step_fn = make_train_step(s.graphdef, s.tx, s.spec, s.batch_size, loss=s.cfg.training.loss,
+                              loss_weight=s.cfg.training.ch_loss_weight)
     trainable = s.fresh_trainable()
     state = {"train": TrainState(jnp.int32(0), trainable, s.tx.init(trainable), jnp.int32(0), jnp.int32(-1))}
     data_key, dropout_key = jax.random.key(3), jax.random.key(4)

@@ -26,24 +26,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from chest_jax import config as config_lib
+from chest_jax import trees
+from chest_jax.errors import UserError
 
 FORMAT_VERSION = 1
 MODEL_KINDS = ("base", "merged")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or does not match what the config expects."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint is readable but holds another tree (missing, unexpected or mis-shaped leaves): the config
+    or the model changed. Never repaired silently."""
+
+
+class CheckpointDamagedError(CheckpointError):
+    """The checkpoint's files cannot be read (truncated, corrupt or half-written): a damaged save, which
+    `TrainCheckpoints.restore_latest` sets aside to fall back to an older one."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Tree comparison
-
-
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
 
 
 def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -53,7 +58,7 @@ def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     for path, leaf in leaves[0]:
         if leaf is None:
             continue
-        out["/".join(_key_str(k) for k in path)] = (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+        out[trees.path_str(path)] = (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
     return out
 
 
@@ -79,7 +84,7 @@ def check_structure(found_tree: Any, expected_tree: Any, *, checkpoint: str | Pa
     problems = structure_problems(leaf_specs(found_tree), leaf_specs(expected_tree))
     if problems:
         lines = "\n  ".join(problems)
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"checkpoint {checkpoint} does not match the parameter tree that {expected_from} expects "
             f"({len(problems)} problem{'s' if len(problems) > 1 else ''}); nothing was loaded:\n  {lines}"
             + (f"\n{hint}" if hint else "")
@@ -125,7 +130,7 @@ def read_meta(path: str | Path) -> dict:
     try:
         return _checkpointer().restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
-        raise CheckpointError(f"checkpoint {path} is unreadable (meta item): {e}") from None
+        raise CheckpointDamagedError(f"checkpoint {path} is unreadable (meta item): {e}") from None
 
 
 def stored_tree(path: str | Path, item: str = "params") -> Any:
@@ -133,9 +138,9 @@ def stored_tree(path: str | Path, item: str = "params") -> Any:
     try:
         md = _checkpointer().metadata(Path(path)).item_metadata[item]
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path} is unreadable ({item} metadata): {e}") from None
+        raise CheckpointDamagedError(f"checkpoint {path} is unreadable ({item} metadata): {e}") from None
     if md is None:
-        raise CheckpointError(f"checkpoint {path} has no '{item}' item")
+        raise CheckpointDamagedError(f"checkpoint {path} has no '{item}' item")
     return md.tree
 
 
@@ -147,11 +152,11 @@ def restore_tree(path: str | Path, abstract: Any, *, expected_from: str, item: s
     try:
         restored = _checkpointer().restore(path, ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
     except Exception as e:  # noqa: BLE001 - truncated/corrupt array files
-        raise CheckpointError(f"checkpoint {path} is damaged: reading '{item}' failed: {e}") from None
+        raise CheckpointDamagedError(f"checkpoint {path} is damaged: reading '{item}' failed: {e}") from None
     tree = restored[item]
     bad = [p for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if not hasattr(x, "dtype")]
     if bad:
-        raise CheckpointError(f"checkpoint {path}: leaves came back unmaterialized: {bad[:5]}")
+        raise CheckpointDamagedError(f"checkpoint {path}: leaves came back unmaterialized: {bad[:5]}")
     return tree
 
 
@@ -208,16 +213,9 @@ def load_adapter(path: str | Path, abstract_lora: Any | None = None) -> tuple[An
     if abstract_lora is None:
         abstract_lora = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored_tree(path),
                                      is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-        abstract_lora = _int_keys(abstract_lora)
+        abstract_lora = trees.int_keys(abstract_lora)
     lora = restore_tree(path, abstract_lora, expected_from=f"the adapter's model config ({path}/meta)")
     return lora, cfg, meta
-
-
-def _int_keys(tree: Any) -> Any:
-    """Orbax metadata spells list indices as strings; NNX pure dicts use ints."""
-    if isinstance(tree, dict):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
-    return tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,9 +266,7 @@ class TrainCheckpoints:
                 params = restore_tree(path, abstract_params, expected_from=expected_from)
                 opt_state = restore_tree(path, abstract_opt_state, expected_from=f"the optimizer of {expected_from}",
                                          item="opt_state")
-            except CheckpointError as e:
-                if "does not match" in str(e):
-                    raise
+            except CheckpointDamagedError as e:
                 kept = self.dir.parent / "damaged_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
                 kept.parent.mkdir(exist_ok=True)
                 shutil.move(str(path), str(kept))
@@ -285,6 +281,14 @@ class TrainCheckpoints:
         if self._manager is not None:
             self._manager.close()
             self._manager = None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable (summary files are informational)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

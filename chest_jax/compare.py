@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from chest_jax import evaluate, ofdm, plots
+from chest_jax import baselines as baselines_lib
+from chest_jax import evaluate, ofdm, plots, testsets
 from chest_jax.config import Config, TestSetConfig
 
 CSV_COLUMNS = ("model", "kind", "test_set", "channel_type", "distance_m", "source", "n_samples", "n_seeds",
@@ -51,7 +52,7 @@ def _group_by_label(models: Sequence[ModelEntry]) -> dict[str, list[ModelEntry]]
         if len(seeds) != len(set(seeds)):
             raise ValueError(f"model label {label!r} lists the same seed twice ({seeds}); give each trained "
                              "run its own seed or label, otherwise one run would be counted twice")
-        if label in evaluate.BASELINES:
+        if label in baselines_lib.REGISTRY:
             raise ValueError(f"model label {label!r} is the name of a baseline; choose another label")
     return groups
 
@@ -101,8 +102,10 @@ def _add_gains(rows: dict[str, dict[str, Any]], base: Optional[str]) -> None:
         row["gain_se_db"] = None if label == base or None in parts else math.sqrt(sum(parts))
 
 
-def _score_all(groups: dict[str, list[ModelEntry]], baselines: Sequence[str], test_set: evaluate.TestSet,
-               spec: Any, correlation: Optional[np.ndarray], batch_size: int) -> dict[str, dict[str, Any]]:
+def _score_all(groups: dict[str, list[ModelEntry]], baselines: Sequence[str], test_set: testsets.TestSet,
+               spec: Any, correlations: dict[str, Any], batch_size: int) -> dict[str, dict[str, Any]]:
+    """Every model entry and baseline on one test set; `correlations` maps a baseline's correlation kind
+    ("scenario", "pooled") to the matrix it uses on this test set."""
     rows: dict[str, dict[str, Any]] = {}
     for label, entries in groups.items():
         runs = [_summary(evaluate.evaluate(e.predict_fn, test_set, spec, batch_size), seed=e.seed, path=e.path)
@@ -111,13 +114,15 @@ def _score_all(groups: dict[str, list[ModelEntry]], baselines: Sequence[str], te
     for name in baselines:
         if name == "lmmse_genie" and not test_set.has_taps:
             continue
-        result = evaluate.evaluate_baseline(name, test_set, spec, correlation=correlation, batch_size=batch_size)
+        kind = baselines_lib.REGISTRY[name].correlation
+        result = evaluate.evaluate_baseline(name, test_set, spec, correlation=correlations.get(kind),
+                                            batch_size=batch_size)
         rows[name] = _aggregate(name, "baseline", [_summary(result)])
     return rows
 
 
 def _display_label(label: str) -> str:
-    return evaluate.BASELINE_TITLES.get(label, label)
+    return baselines_lib.TITLES.get(label, label)
 
 
 def _fmt(value: Optional[float], digits: int = 2, signed: bool = False) -> str:
@@ -161,10 +166,68 @@ def _json_ready(value: Any) -> Any:
 def _unique_names(test_set_cfgs: Sequence[TestSetConfig]) -> list[str]:
     names, seen = [], {}
     for ts in test_set_cfgs:
-        name = evaluate.default_name(ts)
+        name = testsets.default_name(ts)
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
     return names
+
+
+def _correlations(cfg: Config, channel_types: Sequence[str], log: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
+    """{channel_type: {"scenario": R, "pooled": R}} for the practical LMMSEs asked for in cfg.compare.baselines."""
+    cc = cfg.compare
+    kinds = {baselines_lib.REGISTRY[b].correlation for b in cc.baselines} - {None}
+    pooled = None
+    if "pooled" in kinds:
+        log(f"estimating the pooled frequency correlation of the training mix ({len(cfg.dataset.channel_type)} "
+            f"channel types) from {cc.lmmse_train_samples} training channels")
+        pooled = baselines_lib.training_correlation(cfg, None, num_samples=cc.lmmse_train_samples, seed=cc.seed)
+    out: dict[str, dict[str, Any]] = {}
+    for ct in channel_types:
+        out[ct] = {"pooled": pooled}
+        if "scenario" in kinds:
+            log(f"estimating the {ct} frequency correlation from {cc.lmmse_train_samples} training channels")
+            out[ct]["scenario"] = baselines_lib.training_correlation(cfg, ct, num_samples=cc.lmmse_train_samples,
+                                                                     seed=cc.seed)
+    return out
+
+
+def _table_rows(rows: dict[str, dict[str, Any]], name: str, ts_cfg: TestSetConfig, source: str,
+                num_samples: int) -> list[dict[str, Any]]:
+    return [{"model": row["label"], "kind": row["kind"], "test_set": name, "channel_type": ts_cfg.channel_type,
+             "distance_m": ts_cfg.distance, "source": source, "n_samples": num_samples,
+             "n_seeds": row["n_seeds"], "nmse_db": row["nmse_db"], "nmse_db_std": row["nmse_db_std"],
+             "pooled_nmse_db": row["pooled_nmse_db"], "evm_db": row["evm_db"], "evm_percent": row["evm_percent"],
+             "gain_db": row.get("gain_db"), "gain_se_db": row.get("gain_se_db")} for row in rows.values()]
+
+
+def _curve(cfg: Config, groups: dict[str, list[ModelEntry]], channel_type: str, spec: ofdm.FrameSpec,
+           correlations: dict[str, Any], batch_size: int) -> dict[str, dict[str, Any]]:
+    """NMSE at each of cfg.compare.distances for every estimator: {label: {kind, nmse_db: [...], ...}}."""
+    cc = cfg.compare
+    series: dict[str, dict[str, Any]] = {}
+    for distance in cc.distances:
+        point_set = testsets.load_or_make_test_set(cfg, TestSetConfig(channel_type, float(distance), cc.curve_samples),
+                                                   seed=cc.seed, cache_dir=cc.cache_dir, full=False)
+        rows = _score_all(groups, cc.baselines, point_set, spec, correlations, batch_size)
+        for label, row in rows.items():
+            s = series.setdefault(label, {"kind": row["kind"], "n_seeds": row["n_seeds"], "nmse_db": [],
+                                          "nmse_db_std": [], "pooled_nmse_db": [], "per_seed_nmse_db": []})
+            s["nmse_db"].append(row["nmse_db"])
+            s["nmse_db_std"].append(row["nmse_db_std"])
+            s["pooled_nmse_db"].append(row["pooled_nmse_db"])
+            s["per_seed_nmse_db"].append([r["nmse_db"] for r in row["runs"]])
+    return series
+
+
+def _write_tables(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    csv_path, json_path = out / "results.csv", out / "results.json"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in results["rows"]:
+            writer.writerow({k: "" if row[k] is None else (f"{row[k]:.4f}" if isinstance(row[k], float) else row[k])
+                             for k in CSV_COLUMNS})
+    return csv_path, json_path
 
 
 def run_compare(cfg: Config, models: Sequence[ModelEntry], out_dir: str | Path, *,
@@ -180,36 +243,24 @@ def run_compare(cfg: Config, models: Sequence[ModelEntry], out_dir: str | Path, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = ofdm.FrameSpec.from_config(cfg.dataset)
-    source = evaluate.data_source(cfg.dataset)
+    source = testsets.data_source(cfg.dataset)
     base = next(iter(groups), None)
     channel_types = list(dict.fromkeys(ts.channel_type for ts in cc.test_sets))
-
-    correlations: dict[str, np.ndarray] = {}
-    if "lmmse_practical" in cc.baselines:
-        for ct in channel_types:
-            log(f"estimating the {ct} frequency correlation from {cc.lmmse_train_samples} training channels")
-            correlations[ct] = evaluate.training_correlation(cfg, ct, num_samples=cc.lmmse_train_samples,
-                                                             seed=cc.seed)
+    correlations = _correlations(cfg, channel_types, log)
 
     results: dict[str, Any] = {"source": source, "base": base, "seed": cc.seed, "config": cfg.to_dict(),
                                "test_sets": {}, "curves": {}, "rows": [], "files": {}}
     plot_paths: list[str] = []
     for ts_cfg, name in zip(cc.test_sets, _unique_names(cc.test_sets)):
-        test_set = evaluate.load_or_make_test_set(cfg, ts_cfg, seed=cc.seed, cache_dir=cc.cache_dir, full=True)
+        test_set = testsets.load_or_make_test_set(cfg, ts_cfg, seed=cc.seed, cache_dir=cc.cache_dir, full=True)
         log(f"test set {name}: {len(test_set)} samples of {ts_cfg.channel_type} at {ts_cfg.distance:g} m "
             f"({'cached' if test_set.loaded_from_cache else 'generated'}: {test_set.cache_path})")
-        rows = _score_all(groups, cc.baselines, test_set, spec, correlations.get(ts_cfg.channel_type), batch_size)
+        rows = _score_all(groups, cc.baselines, test_set, spec, correlations[ts_cfg.channel_type], batch_size)
         _add_gains(rows, base)
         results["test_sets"][name] = {"channel_type": ts_cfg.channel_type, "distance_m": ts_cfg.distance,
                                       "num_samples": len(test_set), "source": test_set.source,
                                       "cache_path": test_set.cache_path, "estimators": rows}
-        for row in rows.values():
-            results["rows"].append({
-                "model": row["label"], "kind": row["kind"], "test_set": name, "channel_type": ts_cfg.channel_type,
-                "distance_m": ts_cfg.distance, "source": source, "n_samples": len(test_set),
-                "n_seeds": row["n_seeds"], "nmse_db": row["nmse_db"], "nmse_db_std": row["nmse_db_std"],
-                "pooled_nmse_db": row["pooled_nmse_db"], "evm_db": row["evm_db"], "evm_percent": row["evm_percent"],
-                "gain_db": row.get("gain_db"), "gain_se_db": row.get("gain_se_db")})
+        results["rows"] += _table_rows(rows, name, ts_cfg, source, len(test_set))
         references = {_display_label(b): rows[b]["nmse_db"] for b in ("ls_linear", "lmmse_genie") if b in rows}
         plot_paths.append(plots.plot_nmse_bars(
             [{**row, "label": _display_label(label)} for label, row in rows.items()], out / f"nmse_{name}.png",
@@ -218,31 +269,14 @@ def run_compare(cfg: Config, models: Sequence[ModelEntry], out_dir: str | Path, 
 
     for ct in channel_types:
         log(f"NMSE vs distance for {ct}: {len(cc.distances)} distances x {cc.curve_samples} samples")
-        series: dict[str, dict[str, Any]] = {}
-        for distance in cc.distances:
-            point_set = evaluate.load_or_make_test_set(cfg, TestSetConfig(ct, float(distance), cc.curve_samples),
-                                                       seed=cc.seed, cache_dir=cc.cache_dir, full=False)
-            rows = _score_all(groups, cc.baselines, point_set, spec, correlations.get(ct), batch_size)
-            for label, row in rows.items():
-                s = series.setdefault(label, {"kind": row["kind"], "n_seeds": row["n_seeds"], "nmse_db": [],
-                                              "nmse_db_std": [], "pooled_nmse_db": [], "per_seed_nmse_db": []})
-                s["nmse_db"].append(row["nmse_db"])
-                s["nmse_db_std"].append(row["nmse_db_std"])
-                s["pooled_nmse_db"].append(row["pooled_nmse_db"])
-                s["per_seed_nmse_db"].append([r["nmse_db"] for r in row["runs"]])
+        series = _curve(cfg, groups, ct, spec, correlations[ct], batch_size)
         results["curves"][ct] = {"distances_m": list(cc.distances), "samples_per_point": cc.curve_samples,
                                  "series": series}
         plot_paths.append(plots.plot_nmse_vs_distance(
             cc.distances, {_display_label(k): v for k, v in series.items()}, out / f"nmse_vs_distance_{ct}.png",
             f"NMSE vs distance, {ct}, {cc.curve_samples} samples per point\n{source_title(source)}"))
 
-    csv_path, json_path = out / "results.csv", out / "results.json"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in results["rows"]:
-            writer.writerow({k: "" if row[k] is None else (f"{row[k]:.4f}" if isinstance(row[k], float) else row[k])
-                             for k in CSV_COLUMNS})
+    csv_path, json_path = _write_tables(results, out)
     results["files"] = {"csv": str(csv_path), "json": str(json_path), "plots": plot_paths}
     results = _json_ready(results)
     json_path.write_text(json.dumps(results, indent=1, allow_nan=False))

@@ -5,6 +5,9 @@ A config file has the sections `dataset`, `ch_estimation` and `training` (and `c
 impossible value stops with a `ConfigError` naming the file, the key, the value and what is allowed.
 Command-line overrides are `section.key=value` (values parsed as YAML, e.g. `training.lr=3e-4`,
 `dataset.channel_type=[InF_Los]`).
+
+One concept, kept in one module on purpose: every key of every section is declared (with its unit) and checked
+here, so a reader finds a key, its default and what is allowed in one place.
 """
 from __future__ import annotations
 
@@ -18,13 +21,38 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from chest_jax.errors import UserError
+
 SCENARIOS = ("InF", "InH", "RMa", "UMa", "UMi")
 CHANNEL_TYPES = tuple(f"{s}_{los}" for s in SCENARIOS for los in ("Los", "Nlos"))
 LORA_TARGETS = ("mha_q_proj", "mha_k_proj", "mha_v_proj", "out_proj", "ffnn_linear1", "ffnn_linear2")
+# The classical estimators compare.py can score (implemented in chest_jax.baselines, which checks it has each).
+BASELINES = ("ls_linear", "dft_ls", "lmmse_genie", "lmmse_practical", "lmmse_pooled")
+# The frame generator draws each QAM dimension's level from 8 bits of one random word (ofdm.py).
+MAX_QAM_ORDER = 4 ** 8
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names where and how to fix it."""
+
+
+def dmrs_problem(dmrs: typing.Sequence[int], num_used: int) -> Optional[str]:
+    """Why `dmrs` = (start, stop, step) does not select pilots among `num_used` subcarriers, or None."""
+    if len(dmrs) != 3:
+        return f"{list(dmrs)} must be [start, stop, step]"
+    start, stop, step = dmrs
+    if not (0 <= start < stop <= num_used and step > 0):
+        return (f"{list(dmrs)} must be [start, stop, step] with 0 <= start < stop <= {num_used} used subcarriers "
+                "and step > 0")
+    return None
+
+
+def mod_order_problem(mod_order: int) -> Optional[str]:
+    """Why `mod_order` is not a square QAM order the generator supports (4, 16, 64, ..., MAX_QAM_ORDER), or None."""
+    levels = math.isqrt(mod_order) if mod_order > 0 else 0
+    if mod_order >= 4 and levels * levels == mod_order and levels & (levels - 1) == 0 and mod_order <= MAX_QAM_ORDER:
+        return None
+    return f"{mod_order} must be a square QAM order: 4, 16, 64, 256, ..., {MAX_QAM_ORDER}"
 
 
 @dataclass(frozen=True)
@@ -117,6 +145,11 @@ class TrainingConfig:
     evaluation_step: int = 1000
     evaluation_batch_size: int = 4  # samples plotted at each evaluation
     validation_size: int = 256  # fixed validation samples scored at each evaluation
+    # Also scored at each evaluation: validation samples at these fixed distances (m), so the log shows the
+    # high-SNR end that the mean over the distance range hides; () turns it off.
+    validation_distances: tuple[float, ...] = (10.0, 50.0, 150.0, 300.0, 500.0)
+    validation_distance_samples: int = 32
+    loss: Literal["nmse", "nmse_db"] = "nmse"  # chest_jax.losses; nmse is the original's
     model_save_step: int = 100_000
     saved_model_name: str = "estimator_v4_base"
     output_dir: str = "runs"  # the run directory is output_dir/saved_model_name
@@ -279,8 +312,7 @@ def _check(ok: bool, source: str, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{source}: {key}: {value!r} is not allowed; {allowed}")
 
 
-def validate(cfg: Config, source: str = "<config>") -> Config:
-    d, m, t = cfg.dataset, cfg.ch_estimation, cfg.training
+def _validate_dataset(d: DatasetConfig, source: str) -> None:
     for i, ct in enumerate(d.channel_type):
         _check(ct in CHANNEL_TYPES, source, f"dataset.channel_type[{i}]", ct,
                f"known channel types: {', '.join(CHANNEL_TYPES)}")
@@ -293,17 +325,16 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     lo, hi = d.distance_range
     _check(0 < lo <= hi, source, "dataset.distance_range", [lo, hi],
            "distances in m must be positive with low <= high")
-    _check(d.subcarrier_spacing > 0, source, "dataset.subcarrier_spacing", d.subcarrier_spacing, "must be positive (kHz)")
+    _check(d.subcarrier_spacing > 0, source, "dataset.subcarrier_spacing", d.subcarrier_spacing,
+           "must be positive (kHz)")
     _check(d.carrier_freq > 0, source, "dataset.carrier_freq", d.carrier_freq, "must be positive (GHz)")
-    sq = math.isqrt(d.mod_order)
-    _check(d.mod_order >= 4 and sq * sq == d.mod_order and sq & (sq - 1) == 0, source, "dataset.mod_order",
-           d.mod_order, "must be a square QAM order: 4, 16, 64, 256, ...")
+    _check(mod_order_problem(d.mod_order) is None, source, "dataset.mod_order", d.mod_order,
+           mod_order_problem(d.mod_order) or "")
     _check(d.fft_size > 0 and 0 <= d.num_guard_subcarriers < d.fft_size, source, "dataset.num_guard_subcarriers",
            d.num_guard_subcarriers, f"must be in [0, fft_size={d.fft_size})")
     k = d.num_used_subcarriers
-    start, stop, step = d.ref_conf_dict.dmrs
-    _check(0 <= start < stop <= k and step > 0, source, "dataset.ref_conf_dict.dmrs", list(d.ref_conf_dict.dmrs),
-           f"must be [start, stop, step] with 0 <= start < stop <= {k} used subcarriers and step > 0")
+    _check(dmrs_problem(d.ref_conf_dict.dmrs, k) is None, source, "dataset.ref_conf_dict.dmrs",
+           list(d.ref_conf_dict.dmrs), dmrs_problem(d.ref_conf_dict.dmrs, k) or "")
     _check(d.num_symbol >= 1, source, "dataset.num_symbol", d.num_symbol, "must be at least 1")
     _check(d.cp_length > 0, source, "dataset.cp_length", d.cp_length, "must be positive (ns)")
     _check(0 <= d.max_random_tap_delay_cp_proportion <= 1, source, "dataset.max_random_tap_delay_cp_proportion",
@@ -315,6 +346,8 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         _check(Path(d.pdp_dir).expanduser().is_dir(), source, "dataset.pdp_dir", d.pdp_dir,
                "must be an existing directory holding PDP_<type>.mat files (or null for the 38.901 generator)")
 
+
+def _validate_model(m: ChEstimationConfig, k: int, source: str) -> None:
     c, tr = m.cond, m.transformer
     _check(c.length > 0 and c.step_size > 0 and c.length % c.step_size == 0, source, "ch_estimation.cond.length",
            c.length, f"must be a positive multiple of ch_estimation.cond.step_size={c.step_size}")
@@ -344,6 +377,8 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                    f"target modules are matched by name among: {', '.join(LORA_TARGETS)}")
         _check(len(p.target_modules) > 0, source, "ch_estimation.peft.target_modules", [], "name at least one module")
 
+
+def _validate_training(t: TrainingConfig, source: str) -> None:
     _check(t.lr > 0, source, "training.lr", t.lr, "must be positive")
     _check(t.weight_decay >= 0, source, "training.weight_decay", t.weight_decay, "must be >= 0")
     _check(t.max_norm >= 0, source, "training.max_norm", t.max_norm, "must be >= 0 (0 disables clipping)")
@@ -351,22 +386,34 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _check(0 <= t.num_warmup_steps < t.num_iter or not t.use_scheduler, source, "training.num_warmup_steps",
            t.num_warmup_steps, f"must be in [0, num_iter={t.num_iter})")
     _check(0 <= t.momentum < 1, source, "training.momentum", t.momentum, "must be in [0, 1)")
-    for name in ("logging_step", "evaluation_step", "model_save_step", "validation_size", "evaluation_batch_size"):
+    _check(all(x > 0 for x in t.validation_distances), source, "training.validation_distances",
+           list(t.validation_distances), "must be positive distances in m (or [] for none)")
+    for name in ("logging_step", "evaluation_step", "model_save_step", "validation_size", "evaluation_batch_size",
+                 "validation_distance_samples"):
         _check(getattr(t, name) >= 1, source, f"training.{name}", getattr(t, name), "must be at least 1")
     _check(t.ch_loss_weight > 0, source, "training.ch_loss_weight", t.ch_loss_weight, "must be positive")
     _check(bool(t.saved_model_name) and "/" not in t.saved_model_name, source, "training.saved_model_name",
            t.saved_model_name, "must be a non-empty name without '/'")
 
-    cmp_ = cfg.compare
+
+def _validate_compare(cmp_: CompareConfig, source: str) -> None:
     for i, ts in enumerate(cmp_.test_sets):
         _check(ts.channel_type in CHANNEL_TYPES, source, f"compare.test_sets[{i}].channel_type", ts.channel_type,
                f"known channel types: {', '.join(CHANNEL_TYPES)}")
         _check(ts.distance > 0, source, f"compare.test_sets[{i}].distance", ts.distance, "must be positive (m)")
         _check(ts.num_samples >= 1, source, f"compare.test_sets[{i}].num_samples", ts.num_samples, "must be >= 1")
     for i, b in enumerate(cmp_.baselines):
-        _check(b in ("ls_linear", "lmmse_genie", "lmmse_practical"), source, f"compare.baselines[{i}]", b,
-               "allowed: ls_linear, lmmse_genie, lmmse_practical")
+        _check(b in BASELINES, source, f"compare.baselines[{i}]", b, f"allowed: {', '.join(BASELINES)}")
     _check(all(x > 0 for x in cmp_.distances), source, "compare.distances", list(cmp_.distances), "must be positive")
+
+
+def validate(cfg: Config, source: str = "<config>") -> Config:
+    """Check every value that types alone cannot (ranges, divisibility, cross-key consistency); raise ConfigError
+    naming the key, the value and what is allowed."""
+    _validate_dataset(cfg.dataset, source)
+    _validate_model(cfg.ch_estimation, cfg.dataset.num_used_subcarriers, source)
+    _validate_training(cfg.training, source)
+    _validate_compare(cfg.compare, source)
     return cfg
 
 
@@ -455,8 +502,3 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
 def dump(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-
-def channel_type_parts(channel_type: str) -> tuple[str, bool]:
-    """'InF_Los' -> ('InF', True)."""
-    scenario, los = channel_type.split("_")
-    return scenario, los == "Los"

@@ -5,6 +5,7 @@ not training loops.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from flax import nnx
 
 from chest_jax import checkpoint as ckpt
 from chest_jax import config as config_lib
-from chest_jax.lora import apply_lora, params_fingerprint
+from chest_jax.lora import apply_lora, lora_leaves, params_fingerprint
 from chest_jax.model import Estimator_v4, abstract_params
 
 
@@ -88,9 +89,14 @@ def restore_base(path: str | Path, cfg: config_lib.Config, *, config_source: str
     return model, meta, path
 
 
-def attach_adapter(model: Estimator_v4, adapter_path: str | Path, *, base_fingerprint: str,
-                   key: jax.Array) -> tuple[dict, config_lib.Config]:
-    """Add LoRA leaves to `model` (in place) and fill them strictly from an adapter trained on this base."""
+def attach_adapter(model: Estimator_v4, adapter_path: str | Path, *, base_fingerprint: str, key: jax.Array,
+                   log: Callable[[str], None] = print) -> tuple[dict, config_lib.Config]:
+    """Add LoRA leaves to `model` (in place) and fill them strictly from an adapter trained on this base.
+
+    An adapter that records its base's fingerprint refuses any other base. One without (every adapter imported
+    from PEFT: the original recorded none) cannot be checked: it is attached with a warning through `log`, and
+    the caller is responsible for pairing it with the base it was trained on.
+    """
     adapter_path = Path(adapter_path)
     meta = ckpt.read_meta(adapter_path)
     if meta.get("kind") != "adapter":
@@ -100,29 +106,93 @@ def attach_adapter(model: Estimator_v4, adapter_path: str | Path, *, base_finger
             f"adapter {adapter_path} was trained on a different base model (base fingerprint "
             f"{meta['base_fingerprint'][:12]}..., this base {base_fingerprint[:12]}...); apply it to the base it "
             f"was trained on{': ' + meta['base_path'] if meta.get('base_path') else ''}")
+    if not meta.get("base_fingerprint"):
+        origin = f" (imported from {meta['imported_from']})" if meta.get("imported_from") else ""
+        log(f"WARNING: adapter {adapter_path}{origin} records no base fingerprint, so nothing can check that it "
+            f"belongs to this base (fingerprint {base_fingerprint[:12]}...). It is attached UNVERIFIED: an adapter on "
+            "the wrong base gives wrong numbers without any error. Pair it with the base it was trained on.")
     adapter_cfg = ckpt.config_from_meta(meta, adapter_path)
     apply_lora(model, adapter_cfg.ch_estimation.peft, rngs=nnx.Rngs(params=key))
-    full = abstract_model_params(model)
-    lora_abstract = lora_subtree(full)
-    lora, _, _ = ckpt.load_adapter(adapter_path, lora_abstract)
+    lora, _, _ = ckpt.load_adapter(adapter_path, lora_leaves(abstract_model_params(model)))
     set_params(model, config_lib.deep_merge(model_params(model), lora))
     return meta, adapter_cfg
 
 
-def lora_subtree(tree: dict) -> dict:
-    """The LoRA leaves (`lora_A`, `lora_B`) of a pure parameter dict, keeping their paths."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            sub = lora_subtree(v)
-            if sub:
-                out[k] = sub
-        elif k in ("lora_A", "lora_B"):
-            out[k] = v
-    return out
+@dataclass
+class Origin:
+    """What a run starts from: nothing (base training), or a base checkpoint and its fingerprint (LoRA)."""
+
+    base_path: str | None = None
+    base_fingerprint: str | None = None
+    protected: tuple[Path, ...] = ()  # run directories --overwrite must never delete
+
+    def meta(self) -> dict[str, Any]:
+        return {"base_path": self.base_path, "base_fingerprint": self.base_fingerprint} if self.base_path else {}
 
 
-def load_model(spec: str, *, output_dir: str = "runs") -> tuple[Estimator_v4, config_lib.Config, dict]:
+def _lora_run_dir(cfg: config_lib.Config) -> Path:
+    t = cfg.training
+    run = Path(t.pretrained_model_name)
+    return run if run.is_dir() else Path(t.output_dir) / t.pretrained_model_name
+
+
+def build_training_model(cfg: config_lib.Config, kind: str, keys: dict[str, jax.Array],
+                         log: Callable[[str], None]) -> tuple[nnx.Module, Origin]:
+    """The model a training run starts from, and what identifies that start.
+
+    kind "base": a fresh model from keys["init"]. kind "lora": the base at training.pretrained_model_name restored
+    strictly, with new adapters from keys["lora"] (model_load_mode pretrained), or the base and adapter recorded by
+    the LoRA run named there (model_load_mode finetune)."""
+    if kind == "base":
+        return new_model(cfg, keys["init"]), Origin()
+    t = cfg.training
+    if not t.pretrained_model_name:
+        raise config_lib.ConfigError("training.pretrained_model_name: train_lora.py needs the base run directory "
+                                     "or checkpoint to start from (e.g. training.pretrained_model_name=runs/base)")
+    source = "train_lora.py"
+    if t.model_load_mode == "finetune":
+        lora_run = _lora_run_dir(cfg)
+        adapter = lora_run / "adapter"
+        if not ckpt.is_checkpoint_dir(adapter):
+            raise ckpt.CheckpointError(f"model_load_mode finetune: {lora_run} is not a LoRA run directory "
+                                       "(no adapter/ inside); use model_load_mode: pretrained to start from a base")
+        base_path = ckpt.read_meta(adapter).get("base_path")
+        if not base_path:
+            raise ckpt.CheckpointError(f"{adapter}: the adapter does not record its base model")
+        model, _, path = restore_base(base_path, cfg, config_source=source, output_dir=t.output_dir)
+        fp = params_fingerprint(model_params(model))
+        _, adapter_cfg = attach_adapter(model, adapter, base_fingerprint=fp, key=keys["lora"], log=log)
+        if adapter_cfg.ch_estimation.peft != cfg.ch_estimation.peft:
+            raise config_lib.ConfigError(f"ch_estimation.peft differs from the adapter's in {adapter}: "
+                                         f"{adapter_cfg.ch_estimation.peft} vs {cfg.ch_estimation.peft}")
+        log(f"finetune: base {path} + adapter {adapter}")
+        return model, Origin(str(path.absolute()), fp, (path, lora_run))
+    model, meta, path = restore_base(t.pretrained_model_name, cfg, config_source=source,
+                                             output_dir=t.output_dir)
+    fp = params_fingerprint(model_params(model))
+    log(f"restored base {path} (step {meta.get('step')}, strict: every leaf matched)")
+    wrapped = apply_lora(model, cfg.ch_estimation.peft, rngs=nnx.Rngs(params=keys["lora"]))
+    log(f"LoRA r={cfg.ch_estimation.peft.r} alpha={cfg.ch_estimation.peft.lora_alpha} on {len(wrapped)} modules")
+    return model, Origin(str(path.absolute()), fp, (path,))
+
+
+def check_resumed_base(origin: Origin, meta: dict, frozen: dict, run_dir: Path) -> Origin:
+    """A resumed LoRA run keeps the base its checkpoint was trained on: the base now at base_path must be it."""
+    recorded = meta.get("base_fingerprint")
+    in_checkpoint = params_fingerprint(frozen)
+    if recorded and recorded != in_checkpoint:
+        raise ckpt.CheckpointDamagedError(f"{run_dir}: the base weights in the latest checkpoint do not match the "
+                                          "base fingerprint it records; the checkpoint is damaged")
+    if in_checkpoint != origin.base_fingerprint:
+        raise ckpt.CheckpointMismatchError(
+            f"--resume: the base model at {origin.base_path} has changed since {run_dir} started (fingerprint "
+            f"{in_checkpoint[:12]}... in the run's checkpoint, {str(origin.base_fingerprint)[:12]}... now); the "
+            "adapter belongs to the old base. Restore that base, or start a new LoRA run on the new one.")
+    return Origin(meta.get("base_path") or origin.base_path, in_checkpoint, origin.protected)
+
+
+def load_model(spec: str, *, output_dir: str = "runs",
+               log: Callable[[str], None] = print) -> tuple[Estimator_v4, config_lib.Config, dict]:
     """A model for evaluation from `PATH` (model checkpoint, run directory or run name) or `BASE+ADAPTER`.
 
     The model config comes from the checkpoint itself; the restore is still strict against it.
@@ -136,7 +206,7 @@ def load_model(spec: str, *, output_dir: str = "runs") -> tuple[Estimator_v4, co
         if (adapter_path / "adapter").is_dir():
             adapter_path = adapter_path / "adapter"
         meta, _ = attach_adapter(model, adapter_path, base_fingerprint=params_fingerprint(model_params(model)),
-                                 key=jax.random.key(0))
+                                 key=jax.random.key(0), log=log)
     return model, cfg, meta
 
 

@@ -5,11 +5,17 @@ Vocabulary and scaling follow PEFT: `r`, `lora_alpha`, `lora_dropout`, `target_m
 adapted model computes exactly what its base computes. Adapter weights are `nnx.LoRAParam`s (a subclass of
 `nnx.Param`), which is how training selects them; the base `kernel` / `bias` keep their paths, so a base
 checkpoint loads into an adapted model unchanged.
+
+LoRA dropout is a training-time concern of the adapter alone: the model calls every Linear as `layer(x)`, and
+`dropout_keys(model, key)` hands each adapter its own key for the duration of one call (the training step);
+without it (evaluation, merged export) LoRA dropout is off.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from chest_jax.config import PeftConfig
-from chest_jax.model import Dropout, Linear, torch_linear_default_init, xavier_uniform
+from chest_jax import trees
+from chest_jax.model import Linear, dropout, torch_linear_default_init, xavier_uniform
 
 # PEFT initialises lora_A like a torch nn.Linear weight (kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(in_features)).
 lora_a_init = torch_linear_default_init
@@ -27,7 +34,8 @@ class LoRALinear(Linear):
     """A `Linear` plus a low-rank update: y = x W + b + (lora_alpha / r) * dropout(x) lora_A lora_B.
 
     Parameters: `kernel` (in, out), `bias` (out,) as in `Linear`; `lora_A` (in, r) and `lora_B` (r, out) as
-    `nnx.LoRAParam`. LoRA dropout is active only when called with deterministic=False (keys from `rngs`).
+    `nnx.LoRAParam`. LoRA dropout (on the adapter's input only, never on the base path) is active only inside
+    `dropout_keys` for the model holding the layer.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -40,9 +48,9 @@ class LoRALinear(Linear):
         self.r = r
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
+        self.lora_dropout = float(lora_dropout)
         self.lora_A = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, r), jnp.float32))
         self.lora_B = nnx.LoRAParam(jnp.zeros((r, out_features), jnp.float32))
-        self.lora_dropout = Dropout(lora_dropout)
 
     @classmethod
     def from_linear(cls, linear: Linear, r: int, alpha: float, dropout: float, *, rngs: nnx.Rngs) -> "LoRALinear":
@@ -53,11 +61,11 @@ class LoRALinear(Linear):
         return cls(linear.in_features, linear.out_features, r, alpha, dropout, dtype=linear.dtype,
                    kernel_init=lambda *_: kernel, bias_init=lambda *_: bias, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         y = super().__call__(x)
-        x_dropped = self.lora_dropout(x, deterministic=deterministic, rngs=rngs).astype(y.dtype)
-        delta = (x_dropped @ self.lora_A[...].astype(y.dtype)) @ self.lora_B[...].astype(y.dtype)
+        key = _DROPOUT_KEYS.get().get(id(self))
+        x_lora = x if key is None else dropout(x, self.lora_dropout, key)
+        delta = (x_lora.astype(y.dtype) @ self.lora_A[...].astype(y.dtype)) @ self.lora_B[...].astype(y.dtype)
         return y + delta * jnp.asarray(self.scaling, y.dtype)
 
     def merged_kernel(self) -> jax.Array:
@@ -118,26 +126,36 @@ def merge_lora(model: nnx.Module) -> int:
     return merged
 
 
-def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, lora_state, base_state): the adapters (`nnx.LoRAParam`) apart from every other parameter.
+def lora_leaves(tree: dict) -> dict:
+    """The LoRA leaves (`lora_A`, `lora_B`) of a parameter pure dict, at their paths (an adapter's content)."""
+    return trees.subtree(tree, ("lora_A", "lora_B"))
 
-    `nnx.merge(graphdef, lora_state, base_state)` rebuilds the model. A model without adapters gives an empty
-    lora_state. Raises if the model holds state that is not a parameter (nothing would carry it).
+
+def lora_layers(model: nnx.Module) -> list[LoRALinear]:
+    """Every adapter of `model`, in graph order (the order `dropout_keys` numbers them in)."""
+    return [layer for _, _, _, layer in _linear_children(model) if isinstance(layer, LoRALinear)]
+
+
+# {id(layer): key} of the adapters dropping their input in the current call; empty outside `dropout_keys`. A
+# context variable rather than a module attribute: the model's arrays stay parameters only, and nothing of a
+# traced call can outlive it.
+_DROPOUT_KEYS: contextvars.ContextVar[dict[int, jax.Array]] = contextvars.ContextVar("lora_dropout_keys", default={})
+
+
+@contextlib.contextmanager
+def dropout_keys(model: nnx.Module, key: jax.Array) -> Iterator[None]:
+    """Within the block, adapter i of `model` drops its input with `fold_in(key, i)`; outside it none does.
+
+    Meant for one (traced) call, inside the training step:
+        with dropout_keys(model, lora_key):
+            h_est, _ = model(inputs, deterministic=False, rngs=nnx.Rngs(dropout=model_key))
     """
-    _, other = nnx.state(model, nnx.Param, ...)
-    if jax.tree.leaves(other):
-        raise ValueError("the model holds non-parameter state "
-                         f"{sorted('/'.join(map(str, p)) for p, _ in nnx.to_flat_state(other))}; "
-                         "split_params only carries parameters")
-    graphdef, lora_state, base_state = nnx.split(model, nnx.LoRAParam, nnx.Param)
-    return graphdef, lora_state, base_state
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+    layers = lora_layers(model)
+    token = _DROPOUT_KEYS.set({id(layer): jax.random.fold_in(key, i) for i, layer in enumerate(layers)})
+    try:
+        yield
+    finally:
+        _DROPOUT_KEYS.reset(token)
 
 
 def params_fingerprint(pure_dict: Any) -> str:
@@ -149,7 +167,7 @@ def params_fingerprint(pure_dict: Any) -> str:
     if isinstance(pure_dict, nnx.State):
         pure_dict = nnx.to_pure_dict(pure_dict)
     leaves = jax.tree_util.tree_flatten_with_path(pure_dict)[0]
-    entries = sorted((("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves), key=lambda e: e[0])
+    entries = sorted(((trees.path_str(path), leaf) for path, leaf in leaves), key=lambda e: e[0])
     digest = hashlib.sha256()
     for path, leaf in entries:
         array = np.ascontiguousarray(np.asarray(leaf))

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from chest_jax.config import ChEstimationConfig
+from chest_jax import rng
+from chest_jax.config import ChEstimationConfig, dmrs_problem
 
 # PyTorch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the torch MultiheadAttention
 # leaves its out_proj weight at this default (only the in-projections get xavier).
@@ -33,22 +34,13 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 class Linear(nnx.Linear):
-    """`nnx.Linear` with the original's init (xavier-uniform kernel, zero bias) and a dropout-aware call.
-
-    `__call__` accepts `deterministic` and `rngs` and ignores them, so a `LoRALinear` (which uses them for
-    LoRA dropout) can replace any `Linear` without changing its caller.
-    """
+    """`nnx.Linear` with the original's init: xavier-uniform kernel, zero bias, float32 parameters."""
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Any = None,
                  kernel_init: nnx.Initializer = xavier_uniform,
                  bias_init: nnx.Initializer = jax.nn.initializers.zeros):
         super().__init__(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
                          kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
-
-    def __call__(self, x: jax.Array, *, deterministic: bool = True,  # type: ignore[override]
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        del deterministic, rngs
-        return super().__call__(x)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,37 +63,22 @@ def positional_encoding_sine(n_pos: int, d_model: int) -> np.ndarray:
     return pe_NxD
 
 
-def _fmix32(x: jax.Array) -> jax.Array:
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout: each element zeroed with probability `rate`, the rest scaled by 1 / (1 - rate).
 
-
-def dropout_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Uniform uint32 words, one per element, from a counter-based hash of (key, element index).
-
-    Dropout needs hundreds of millions of draws per step at the default config (attention weights are
-    B x heads x 256 x 256); threefry made them 40% of a CPU step. Two rounds of the murmur3 finaliser keyed by
-    the jax key cost a few integer ops per element, and, being a function of the global element index, give
-    the same mask however the batch is sharded.
+    The mask comes from `chest_jax.rng.hash_bits` (why not `jax.random.bernoulli`: see `chest_jax.rng`).
     """
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % (1 << 32))
-        stride *= shape[axis]
-    return _fmix32(_fmix32(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
+    if rate == 0.0:
+        return x
+    threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
+    keep = rng.hash_bits(key, x.shape) >= threshold
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 def _dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
     if deterministic or rate == 0.0:
         return x
-    threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
-    keep = dropout_bits(rngs.dropout(), x.shape) >= threshold
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+    return dropout(x, rate, rngs.dropout())
 
 
 class Dropout(nnx.Module):
@@ -155,7 +132,7 @@ class MultiheadAttention(nnx.Module):
         weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK.astype(jnp.float32), axis=-1).astype(cd)
         weights_BxHxQxK = _dropout(weights_BxHxQxK, self.dropout, deterministic, rngs)
         out_BxQxD = jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE).reshape(batch, n_q, d)
-        return self.out_proj(out_BxQxD, deterministic=deterministic, rngs=rngs)
+        return self.out_proj(out_BxQxD)
 
 
 class ConditionNetwork(nnx.Module):
@@ -225,18 +202,18 @@ class TransformerLayer(nnx.Module):
         cond_pe_CxE = jnp.asarray(positional_encoding_sine(self.cond_n_token, self.cond_d_model))
 
         n = self.norm1(x_BxTxD)
-        q, k, v = self.mha_q_proj(n, **kw), self.mha_k_proj(n, **kw), self.mha_v_proj(n, **kw)
+        q, k, v = self.mha_q_proj(n), self.mha_k_proj(n), self.mha_v_proj(n)
         attn = self.mha(q + pe_TxD.astype(q.dtype), k + pe_TxD.astype(k.dtype), v, **kw)
         x_BxTxD = x_BxTxD + self.dropout1(attn, **kw).astype(jnp.float32)
 
         n = self.norm2(x_BxTxD)
-        q_cond = self.mha_q_proj(n, **kw)
+        q_cond = self.mha_q_proj(n)
         attn = self.cond_mha(q_cond + pe_TxD.astype(q_cond.dtype), cond_BxCxE + cond_pe_CxE, cond_BxCxE, **kw)
         x_BxTxD = x_BxTxD + self.dropout2(attn, **kw).astype(jnp.float32)
 
         n = self.norm3(x_BxTxD)
-        hidden = self.ffnn_dropout(_ACTIVATIONS[self.activation](self.ffnn_linear1(n, **kw)), **kw)
-        x_BxTxD = x_BxTxD + self.dropout3(self.ffnn_linear2(hidden, **kw), **kw).astype(jnp.float32)
+        hidden = self.ffnn_dropout(_ACTIVATIONS[self.activation](self.ffnn_linear1(n)), **kw)
+        x_BxTxD = x_BxTxD + self.dropout3(self.ffnn_linear2(hidden), **kw).astype(jnp.float32)
         return x_BxTxD
 
 
@@ -292,10 +269,9 @@ class Estimator_v4(nnx.Module):  # noqa: N801 - the original's class name
         if cond.length != tf.length:
             raise ValueError(f"ch_estimation.cond.length={cond.length} must equal "
                              f"ch_estimation.transformer.length={tf.length} (both are the K used subcarriers)")
-        dmrs_idx = np.arange(*dmrs)
-        if dmrs_idx.size == 0 or dmrs_idx.min() < 0 or dmrs_idx.max() >= tf.length:
-            raise ValueError(f"dmrs={tuple(dmrs)} must select pilots within the {tf.length} used subcarriers; "
-                             "set dataset.ref_conf_dict.dmrs to [start, stop, step] with stop <= K")
+        problem = dmrs_problem(dmrs, tf.length)
+        if problem:
+            raise ValueError(f"dataset.ref_conf_dict.dmrs: {problem}")
         self.num_subcarriers = tf.length
         self.dmrs = tuple(int(v) for v in dmrs)
         self.compute_dtype = compute_dtype

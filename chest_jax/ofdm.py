@@ -10,13 +10,16 @@ one jitted function; `full=False` (pilots only, what training needs) skips the 1
 Randomness: sample i of a batch uses only `jax.random.split(key, batch_size)[i]`, so a data-parallel run that
 shards the batch draws the same samples. A sample's parameters (scenario, profile, distance, extra delay, tap
 gains) come from one `jax.random.bits` call on its key; the per-RE draws of the grid (QAM symbols and noise)
-from the counter-based Threefry-2x32 (the generator behind `jax.random`, Salmon et al., SC'11) keyed by two
-of those words, with the RE's position as the counter. Written elementwise it costs ~1/7 of
-`jax.random.bits` per word on CPU (the grid has ~43k REs per sample), and it makes the noise on a pilot RE a
-function of its position alone, so pilots-only and full frames with the same key agree.
+from `chest_jax.rng.threefry2x32` keyed by two of those words, with the RE's position as the counter (why a
+counter-based stream: see `chest_jax.rng`), so the noise on a pilot RE is a function of its position alone and
+pilots-only and full frames with the same key agree.
 
 Units: delays in ns, distances in m, powers in mW (linear), frequencies in Hz; `H` is the complex channel
 gain per subcarrier including path loss, so |H|^2 / noise_var is the per-RE SNR (linear).
+
+The module is one concept, the frame generator, in the order a sample is drawn: the frame description
+(`FrameSpec`), the PDP bank on the device, the per-RE draws and the batch. The channel's frequency response from
+its taps is `chest_jax.channel_response`, the counter-based streams `chest_jax.rng`.
 """
 from __future__ import annotations
 
@@ -29,17 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from chest_jax.config import DatasetConfig
+from chest_jax import rng
+from chest_jax.channel_response import channel_freq_response
+from chest_jax.config import DatasetConfig, dmrs_problem, mod_order_problem
 
-__all__ = ["Batch", "FrameSpec", "PDPBank", "channel_freq_response", "generate_batch", "make_bank",
-           "make_batch_fn", "path_loss_amplitude", "pilot_sequence", "qam_constellation", "threefry2x32"]
+__all__ = ["Batch", "FrameSpec", "PDPBank", "generate_batch", "make_bank",
+           "make_batch_fn", "path_loss_amplitude", "pilot_sequence", "qam_constellation"]
 
 SPEED_OF_LIGHT_M_S = 299_792_458.0
 # A uint32 draw gives its top 24 bits (a float32 mantissa's worth) to a uniform variate and its low 8 bits to
-# the QAM level of one dimension, so square QAM up to 256 levels per dimension fits in the two draws of an RE.
-_MAX_QAM_BITS_PER_DIM = 8
-_TAPS_PER_PASS = 8
-_ON_GRID_SAMPLES = 1e-6  # a tap delay within this many samples of an integer is on the sampling grid
+# the QAM level of one dimension, so square QAM up to 256 levels per dimension (config.MAX_QAM_ORDER) fits in
+# the two draws of an RE.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,17 +85,12 @@ class FrameSpec:
         if not 0 <= self.first_used <= self.fft_size - self.num_used:
             problems.append(f"first_used={self.first_used} must leave the {self.num_used} used subcarriers inside "
                             f"fft_size={self.fft_size}")
-        start, stop, step = self.dmrs
-        if not (0 <= start < stop <= self.num_used and step > 0):
-            problems.append(f"dmrs={list(self.dmrs)} must be [start, stop, step] with 0 <= start < stop <= "
-                            f"num_used={self.num_used} and step > 0")
+        for name, problem in (("dmrs", dmrs_problem(self.dmrs, self.num_used)),
+                              ("mod_order", mod_order_problem(self.mod_order))):
+            if problem:
+                problems.append(f"{name}={problem}")
         if self.num_symbol < 1:
             problems.append(f"num_symbol={self.num_symbol} must be at least 1")
-        levels = math.isqrt(self.mod_order)
-        if not (self.mod_order >= 4 and levels * levels == self.mod_order and levels & (levels - 1) == 0
-                and levels <= 2 ** _MAX_QAM_BITS_PER_DIM):
-            problems.append(f"mod_order={self.mod_order} must be a square QAM order 4, 16, 64, ..., "
-                            f"{4 ** _MAX_QAM_BITS_PER_DIM}")
         for name in ("spacing_hz", "sample_rate_hz", "cp_ns", "wavelength_m", "tx_power_mw"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
@@ -155,9 +153,9 @@ def _qam_levels(mod_order: int) -> np.ndarray:
 def qam_constellation(mod_order: int) -> np.ndarray:
     """(mod_order,) complex64 points of square QAM with unit average power; point i_re * sqrt(M) + i_im has
     levels (i - (sqrt(M) - 1) / 2) * sqrt(6 / (M - 1)) per dimension (64-QAM: (i - 3.5) * sqrt(6/63))."""
-    levels = math.isqrt(mod_order)
-    if mod_order < 4 or levels * levels != mod_order:
-        raise ValueError(f"mod_order={mod_order} is not a square QAM order (4, 16, 64, 256, ...)")
+    problem = mod_order_problem(mod_order)
+    if problem:
+        raise ValueError(f"mod_order={problem}")
     lv = _qam_levels(mod_order)
     return (lv[:, None] + 1j * lv[None, :]).reshape(-1).astype(np.complex64)
 
@@ -227,102 +225,7 @@ def make_bank(pdp_sets: Sequence, weights: Optional[Sequence[float]] = None) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Channel: taps -> frequency response
-
-
-def channel_freq_response(delays_ns: jax.Array, gains: jax.Array, spec: FrameSpec) -> jax.Array:
-    """(..., L) taps -> (..., K) complex64 channel on the used subcarriers, before path loss.
-
-    delays_ns (..., L) float tap delays in ns; gains (..., L) complex tap amplitudes a_l (0 for absent taps).
-    SPEC steps 3-5: h[n] = sum_l a_l sinc(n - tau_l fs) on n = 0..N-1 (normalised sinc), h / ||h|| (an
-    all-zero h stays zero), H = fftshift(FFT(h) / sqrt(N))[first_used : first_used + K].
-    """
-    batch_shape = jnp.shape(delays_ns)[:-1]
-    num_taps = jnp.shape(delays_ns)[-1]
-    t_TxL = (jnp.asarray(delays_ns, jnp.float32) * jnp.float32(spec.samples_per_ns)).reshape(-1, num_taps)
-    a_TxL = jnp.asarray(gains, jnp.complex64).reshape(t_TxL.shape)
-    n_N = jnp.arange(spec.fft_size, dtype=jnp.float32)
-
-    # With t = m + f (m integer), sinc(n - t) = (-1)^n * (-1)^m sin(pi f) / (pi (t - n)): one sine per tap
-    # instead of one per (tap, sample), and exact near n = t, where a float32 sinc(n - t) loses digits.
-    m_TxL = jnp.round(t_TxL)
-    f_TxL = t_TxL - m_TxL
-    # A tap this close to the grid is a unit impulse to float32 precision (its other samples are O(f)); it is
-    # added as one sample below and kept out of the sum, where t - n would be 0.
-    on_grid_TxL = jnp.abs(f_TxL) < _ON_GRID_SAMPLES
-    c_TxL = a_TxL * (_parity_sign(m_TxL) * jnp.sin(jnp.float32(np.pi) * f_TxL) / jnp.float32(np.pi))
-    c_TxL = jnp.where(on_grid_TxL, 0.0, c_TxL)
-    t_TxL = jnp.where(on_grid_TxL, m_TxL + 0.5, t_TxL)
-
-    # The scan adds _TAPS_PER_PASS taps per pass over the (T, N) accumulator: the pass is memory bound, and
-    # a (T, L, N) reduction or separate re/im accumulators (XLA recomputes shared work per output) are 2-7x
-    # slower on CPU. Padding taps have c = 0 and t off the grid.
-    padded_taps = -(-num_taps // _TAPS_PER_PASS) * _TAPS_PER_PASS
-    pad = ((0, 0), (0, padded_taps - num_taps))
-    t_PxGxT = jnp.pad(t_TxL, pad, constant_values=0.5).T.reshape(-1, _TAPS_PER_PASS, t_TxL.shape[0])
-    c_PxGxT = jnp.pad(c_TxL, pad).T.reshape(t_PxGxT.shape)
-
-    def add_taps(acc_TxN, taps):
-        t_GxT, c_GxT = taps
-        for g in range(_TAPS_PER_PASS):
-            acc_TxN = acc_TxN + c_GxT[g][:, None] * (1.0 / (t_GxT[g][:, None] - n_N))
-        return acc_TxN, None
-
-    acc_TxN, _ = lax.scan(add_taps, jnp.zeros((t_TxL.shape[0], spec.fft_size), jnp.complex64), (t_PxGxT, c_PxGxT))
-    in_frame_TxL = on_grid_TxL & (m_TxL >= 0) & (m_TxL < spec.fft_size)
-    peak_index_TxL = jnp.where(in_frame_TxL, m_TxL, spec.fft_size).astype(jnp.int32)
-    rows_TxL = jnp.broadcast_to(jnp.arange(t_TxL.shape[0])[:, None], t_TxL.shape)
-    # acc holds (-1)^n h, so the peak a_l at n = m enters as (-1)^m a_l.
-    peak_TxL = a_TxL * _parity_sign(m_TxL)
-    acc_TxN = acc_TxN.at[rows_TxL, peak_index_TxL].add(peak_TxL, mode="drop")
-    energy_Tx1 = jnp.sum(jnp.real(acc_TxN * jnp.conj(acc_TxN)), axis=-1, keepdims=True)  # |h| = |acc|
-    safe_energy = jnp.where(energy_Tx1 > 0, energy_Tx1, 1.0)
-    orthonormal = jnp.float32(1.0 / math.sqrt(spec.fft_size))
-    scale_Tx1 = jnp.where(energy_Tx1 > 0, lax.rsqrt(safe_energy), 0.0) * orthonormal
-    if spec.fft_size % 2 == 0:
-        # h = (-1)^n acc, and multiplying by (-1)^n shifts the spectrum by N/2, which is what fftshift undoes:
-        # fftshift(FFT(h)) = FFT(acc).
-        spectrum_TxN = jnp.fft.fft(acc_TxN, axis=-1)
-    else:
-        spectrum_TxN = jnp.fft.fftshift(jnp.fft.fft(acc_TxN * _parity_sign(n_N), axis=-1), axes=-1)
-    h_TxK = spectrum_TxN[:, spec.first_used: spec.first_used + spec.num_used] * scale_Tx1
-    return h_TxK.reshape(batch_shape + (spec.num_used,))
-
-
-def _parity_sign(m: jax.Array) -> jax.Array:
-    """(-1)^m for integer-valued float arrays."""
-    return 1.0 - 2.0 * jnp.mod(m, 2.0)
-
-
-# ---------------------------------------------------------------------------------------------
 # Per-RE random stream
-
-
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_THREEFRY_PARITY = 0x1BD11BDA
-
-
-def threefry2x32(key0: jax.Array, key1: jax.Array, counter0: jax.Array, counter1: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-    """Threefry-2x32 with 20 rounds (Random123; the generator behind `jax.random`): the two uint32 output words
-    for counter (counter0, counter1) under key (key0, key1), elementwise over broadcast uint32 arrays.
-
-    Bit-identical to `jax.extend.random.threefry_2x32`, but written as plain elementwise ops, which XLA fuses
-    into its consumers: ~7x cheaper per word than `jax.random.bits` on CPU.
-    """
-    u32 = jnp.uint32
-    key0, key1 = jnp.asarray(key0, u32), jnp.asarray(key1, u32)
-    schedule = (key0, key1, key0 ^ key1 ^ u32(_THREEFRY_PARITY))
-    x0 = jnp.asarray(counter0, u32) + key0
-    x1 = jnp.asarray(counter1, u32) + key1
-    for block in range(5):
-        for rotation in _THREEFRY_ROTATIONS[block % 2]:
-            x0 = x0 + x1
-            x1 = (x1 << u32(rotation)) | (x1 >> u32(32 - rotation))
-            x1 = x1 ^ x0
-        x0 = x0 + schedule[(block + 1) % 3]
-        x1 = x1 + schedule[(block + 2) % 3] + u32(block + 1)
-    return x0, x1
 
 
 def _re_draws(stream_Bx2: jax.Array, re_index: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -331,7 +234,7 @@ def _re_draws(stream_Bx2: jax.Array, re_index: jax.Array) -> tuple[jax.Array, ja
     extra = re_index.ndim - 1
     key0 = stream_Bx2[:, 0].reshape((-1,) + (1,) * extra)
     key1 = stream_Bx2[:, 1].reshape((-1,) + (1,) * extra)
-    return threefry2x32(key0, key1, re_index, jnp.uint32(0))
+    return rng.threefry2x32(key0, key1, re_index, jnp.uint32(0))
 
 
 def _unit_circle(draw: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -354,7 +257,7 @@ def _unit_circle(draw: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _complex_noise(draw_re: jax.Array, draw_im: jax.Array, sigma: float) -> jax.Array:
     """CN(0, sigma^2) from the top 24 bits of two uint32 draws: |W|^2 = sigma^2 Exp(1), uniform phase."""
-    magnitude = jnp.float32(sigma) * jnp.sqrt(-jnp.log(_uniform_open(draw_re)))
+    magnitude = jnp.float32(sigma) * jnp.sqrt(-jnp.log(rng.uniform_open(draw_re)))
     cos, sin = _unit_circle(draw_im)
     return lax.complex(magnitude * cos, magnitude * sin)
 
@@ -426,14 +329,14 @@ def _draw_sample(key: jax.Array, bank: PDPBank, spec: FrameSpec, distance_range:
     scenario_words, (profile_word, distance_word, delay_word), gain_words, grid_stream = jnp.split(
         words, [num_scenarios, num_scenarios + 3, num_scenarios + 3 + 2 * num_taps])
     # Gumbel-max: argmax(log w + Gumbel) draws scenario s with probability w_s (never one of weight 0).
-    gumbel = -jnp.log(-jnp.log(_uniform_open(scenario_words)))
+    gumbel = -jnp.log(-jnp.log(rng.uniform_open(scenario_words)))
     scenario = jnp.argmax(bank.log_weights + gumbel).astype(jnp.int32)
     count = bank.num_profiles[scenario]
     # floor(u M) with a 24-bit u: uniform over the M profiles up to a relative bias of M / 2^24.
-    profile = jnp.minimum(jnp.floor(_uniform(profile_word) * count.astype(jnp.float32)).astype(jnp.int32), count - 1)
+    profile = jnp.minimum(jnp.floor(rng.uniform(profile_word) * count.astype(jnp.float32)).astype(jnp.int32), count - 1)
     low, high = distance_range[0], distance_range[1]
-    distance = low + (high - low) * _uniform(distance_word)
-    extra_delay = jnp.float32(spec.max_extra_delay_ns) * _uniform(delay_word)
+    distance = low + (high - low) * rng.uniform(distance_word)
+    extra_delay = jnp.float32(spec.max_extra_delay_ns) * rng.uniform(delay_word)
 
     delays = bank.delays_ns[scenario, profile] + extra_delay
     powers = bank.powers[scenario, profile]
@@ -443,16 +346,6 @@ def _draw_sample(key: jax.Array, bank: PDPBank, spec: FrameSpec, distance_range:
     # CN(0, p): the same law as sqrt(p / 2) (g1 + j g2) with g1, g2 ~ N(0, 1).
     gains = jnp.sqrt(powers) * _complex_noise(gain_words[:num_taps], gain_words[num_taps:], 1.0)
     return _SampleDraws(scenario, profile, distance, delays, powers, gains, grid_stream)
-
-
-def _uniform(words: jax.Array) -> jax.Array:
-    """float32 uniform on [0, 1) from the top 24 bits of uint32 words."""
-    return (words >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
-
-
-def _uniform_open(words: jax.Array) -> jax.Array:
-    """float32 uniform on (0, 1] from the top 24 bits of uint32 words (safe under log)."""
-    return (jnp.uint32(1 << 24) - (words >> 8)).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
 def generate_batch(key: jax.Array, bank: PDPBank, spec: FrameSpec, batch_size: int, distance_range: jax.Array, *,

@@ -1,4 +1,8 @@
-"""Figures as PNG files (matplotlib, Agg backend: no display needed). Every function closes its figure."""
+"""Figures as PNG files, drawn on `matplotlib.figure.Figure` objects directly.
+
+No pyplot: pyplot keeps global state and its backend choice would leak into a notebook that imports chest-jax,
+while a bare Figure renders with the Agg canvas on any machine, with or without a display.
+"""
 from __future__ import annotations
 
 import math
@@ -6,28 +10,18 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from chest_jax.metrics import to_complex
 
-
-def _complex(x: Any) -> np.ndarray:
-    x = np.asarray(x)
-    if np.iscomplexobj(x):
-        return x
-    if x.shape[-1:] != (2,):
-        raise ValueError(f"expected a complex (B, K) array or a real (B, K, 2) one; got {x.dtype} {x.shape}")
-    return x[..., 0] + 1j * x[..., 1]
+_TAB10 = matplotlib.colormaps["tab10"]
 
 
-def _save(fig: Any, path: str | Path) -> str:
+def _save(fig: Figure, path: str | Path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
+    fig.savefig(path, dpi=110)
     return str(path)
 
 
@@ -36,12 +30,12 @@ def plot_channel_estimates(h_true_BxK: Any, h_est_BxK: Any, path: str | Path, ti
 
     Channels are complex (B, K) or real (B, K, 2), in the generator's units (sqrt(mW)); returns the path.
     """
-    h_true, h_est = _complex(h_true_BxK), _complex(h_est_BxK)
+    h_true, h_est = to_complex(h_true_BxK), to_complex(h_est_BxK)
     if h_true.shape != h_est.shape or h_true.ndim != 2:
         raise ValueError(f"true {h_true.shape} and estimated {h_est.shape} channels must both be (B, K)")
     num_samples = h_true.shape[0]
-    fig, axes = plt.subplots(num_samples, 2, figsize=(12, 2.6 * num_samples + 0.6), squeeze=False,
-                             sharex=True)
+    fig = Figure(figsize=(12, 2.6 * num_samples + 0.6))
+    axes = fig.subplots(num_samples, 2, squeeze=False, sharex=True)
     k = np.arange(h_true.shape[1])
     for b in range(num_samples):
         for col, (part, name) in enumerate(((np.real, "Re"), (np.imag, "Im"))):
@@ -68,12 +62,13 @@ def plot_nmse_bars(entries: Sequence[Mapping[str, Any]], path: str | Path, title
     bar), `n_seeds` and `kind` ("model" or "baseline"; baselines are hatched grey). reference_lines maps
     a name to an NMSE (dB) drawn as a dashed horizontal line across the chart.
     """
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(entries) + 4.5), 4.8))
+    fig = Figure(figsize=(max(7.0, 1.3 * len(entries) + 4.5), 4.8))
+    ax = fig.subplots()
     x = np.arange(len(entries))
     values = [float(e["nmse_db"]) for e in entries]
     stds = [float(e.get("nmse_db_std") or 0.0) for e in entries]
     is_model = [e.get("kind", "model") == "model" for e in entries]
-    colors = [plt.cm.tab10(i % 10) if m else "0.75" for i, m in enumerate(is_model)]
+    colors = [_TAB10(i % 10) if m else "0.75" for i, m in enumerate(is_model)]
     bars = ax.bar(x, values, yerr=stds, color=colors, edgecolor="black", capsize=5,
                   hatch=None, error_kw={"elinewidth": 1.2})
     for bar, model in zip(bars, is_model):
@@ -108,14 +103,15 @@ def plot_nmse_vs_distance(distances_m: Sequence[float], series: Mapping[str, Map
     series maps a label to a dict with `nmse_db` (one value per distance), optional `nmse_db_std` (spread
     over seeds, drawn as a band) and `kind` ("model" solid with markers, "baseline" dashed grey tones).
     """
-    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    fig = Figure(figsize=(7.5, 5.0))
+    ax = fig.subplots()
     distances = np.asarray(distances_m, dtype=float)
     model_index = 0
     baseline_styles = iter([("0.2", "--", "s"), ("0.45", ":", "^"), ("0.6", "-.", "v"), ("0.7", "--", "x")])
     for label, s in series.items():
         values = np.asarray(s["nmse_db"], dtype=float)
         if s.get("kind", "model") == "model":
-            color, ls, marker = plt.cm.tab10(model_index % 10), "-", "o"
+            color, ls, marker = _TAB10(model_index % 10), "-", "o"
             model_index += 1
         else:
             color, ls, marker = next(baseline_styles, ("0.5", "--", "."))

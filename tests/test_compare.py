@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from chest_jax import compare, config as C, evaluate as ev, ofdm
+from chest_jax import compare, config as C, baselines, metrics, ofdm
 
 SMALL = [
     "dataset.fft_size=256", "dataset.num_guard_subcarriers=64", "dataset.ref_conf_dict.dmrs=[0, 192, 6]",
@@ -24,11 +24,11 @@ def ls_predict_fn(spec, noise_scale=0.0, seed=0):
     rng = np.random.default_rng(seed)
 
     def predict(inputs):
-        h_est = ev.ls_linear(inputs, spec)
+        h_est = baselines.ls_linear(inputs, spec)
         power = np.mean(np.abs(h_est) ** 2, axis=1, keepdims=True)
         h_est = h_est + noise_scale * np.sqrt(power / 2) * (rng.normal(size=h_est.shape)
                                                             + 1j * rng.normal(size=h_est.shape))
-        return ev.to_real_pair(h_est), ev.zf_equalize(inputs, h_est)
+        return metrics.to_real_pair(h_est), metrics.zf_equalize(inputs, h_est)
 
     return predict
 

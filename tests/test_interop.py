@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from chest_jax import config, interop
+from chest_jax import config, interop, trees
 from chest_jax.interop import InteropError
 from chest_jax.model import Estimator_v4, abstract_params, param_count
 
@@ -176,7 +176,7 @@ def test_exported_params_reproduce_in_pytorch():
     tr, dims = reference_dims()
     rng = np.random.default_rng(5)
     # Random values in every leaf (biases and LayerNorm included), so each one matters.
-    params = interop._unflatten({path: (rng.normal(size=spec.shape) / np.sqrt(spec.shape[0])).astype(np.float32)
+    params = trees.unflatten({path: (rng.normal(size=spec.shape) / np.sqrt(spec.shape[0])).astype(np.float32)
                                  for path, spec in flat(abstract_params(SMALL.ch_estimation, DMRS)).items()})
 
     sd = interop.params_to_torch_state_dict(params, SMALL.ch_estimation, DMRS)
@@ -312,10 +312,10 @@ def test_export_refuses_lora_leaves_and_foreign_trees():
     with_lora = dict(params)
     with_lora[("ch_tf", "_layers", 0, "mha_q_proj", "lora_A")] = np.zeros((16, 4), np.float32)
     with pytest.raises(InteropError, match="merge_lora"):
-        interop.params_to_torch_state_dict(interop._unflatten(with_lora), SMALL.ch_estimation, DMRS)
+        interop.params_to_torch_state_dict(trees.unflatten(with_lora), SMALL.ch_estimation, DMRS)
     del params[("ch_tf", "_linear", "bias")]
     with pytest.raises(InteropError, match="missing    ch_tf/_linear/bias"):
-        interop.params_to_torch_state_dict(interop._unflatten(params), SMALL.ch_estimation, DMRS)
+        interop.params_to_torch_state_dict(trees.unflatten(params), SMALL.ch_estimation, DMRS)
 
 
 def small_adapter(tmp_path, **config_changes):
@@ -328,7 +328,7 @@ def small_adapter(tmp_path, **config_changes):
             fan_in, fan_out = {("ffnn_linear1",): (16, 32), ("ffnn_linear2",): (32, 16)}.get(module, (16, 16))
             lora[("ch_tf", "_layers", layer, *module, "lora_A")] = rng.normal(size=(fan_in, 2)).astype(np.float32)
             lora[("ch_tf", "_layers", layer, *module, "lora_B")] = rng.normal(size=(2, fan_out)).astype(np.float32)
-    directory = interop.save_peft_adapter(tmp_path / "adapter", peft, interop._unflatten(lora))
+    directory = interop.save_peft_adapter(tmp_path / "adapter", peft, trees.unflatten(lora))
     if config_changes:
         path = directory / "adapter_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **config_changes}))

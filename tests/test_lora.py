@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from chest_jax import config
-from chest_jax.lora import LoRALinear, apply_lora, merge_lora, params_fingerprint, split_params
+from chest_jax.lora import LoRALinear, apply_lora, dropout_keys, merge_lora, params_fingerprint
 from chest_jax.model import Estimator_v4, Linear, param_count
 
 TINY_DMRS = (0, 384, 6)
@@ -69,7 +69,7 @@ def test_apply_lora_wraps_every_target_and_keeps_base_paths(base_and_lora):
     assert len(wrapped) == 2 * 7
     assert "ch_tf._layers.1.cond_mha.out_proj" in wrapped and "ch_tf._layers.0.mha.out_proj" in wrapped
     assert "ch_tf._linear" not in wrapped
-    _, _, base_state = split_params(lora)
+    _, _, base_state = nnx.split(lora, nnx.LoRAParam, nnx.Param)
     base_params = flat(nnx.to_pure_dict(nnx.state(base, nnx.Param)))
     lora_base_params = flat(nnx.to_pure_dict(base_state))
     assert lora_base_params.keys() == base_params.keys()
@@ -91,10 +91,13 @@ def test_lora_linear_formula_and_dropout():
     x = jax.random.normal(jax.random.key(2), (4, 6))
     expected = x @ layer.kernel[...] + layer.bias[...] + 1.5 * (x @ layer.lora_A[...] @ layer.lora_B[...])
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(layer(x), layer(x, deterministic=True, rngs=nnx.Rngs(dropout=0)))
-    dropped_a = layer(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
-    dropped_b = layer(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    holder = nnx.List([layer])  # dropout_keys finds the adapters held inside a module
+    with dropout_keys(holder, jax.random.key(0)):
+        dropped_a = layer(x)
+    with dropout_keys(holder, jax.random.key(1)):
+        dropped_b = layer(x)
     assert not np.allclose(dropped_a, dropped_b)
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-6)  # no key: no dropout
     # PEFT's lora_A init: U(+-1/sqrt(in_features)).
     assert np.abs(layer.lora_A[...]).max() <= 1 / np.sqrt(6)
     with pytest.raises(ValueError, match="rank"):
@@ -142,7 +145,7 @@ def test_training_lora_only_moves_lora_leaves_and_merge_matches(base_and_lora):
     base, lora, wrapped = base_and_lora
     before = flat(nnx.to_pure_dict(nnx.state(lora, nnx.Param)))
     train_lora_steps(lora)
-    _, lora_state, base_state = split_params(lora)
+    _, lora_state, base_state = nnx.split(lora, nnx.LoRAParam, nnx.Param)
     after_base = flat(nnx.to_pure_dict(base_state))
     after_lora = flat(nnx.to_pure_dict(lora_state))
     assert after_base.keys() | after_lora.keys() == before.keys()
@@ -166,23 +169,6 @@ def test_training_lora_only_moves_lora_leaves_and_merge_matches(base_and_lora):
     h_merged, _ = merged(x)
     np.testing.assert_allclose(h_merged, h_lora, rtol=1e-5, atol=1e-5 * float(jnp.abs(h_lora).max()))
     assert merge_lora(merged) == 0
-
-
-def test_split_params_round_trip(base_and_lora):
-    _, lora, _ = base_and_lora
-    lora.ch_tf._layers[0].mha_q_proj.lora_B[...] = jnp.ones((8, 32))
-    graphdef, lora_state, base_state = split_params(lora)
-    assert all(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(lora_state, is_leaf=lambda v: isinstance(
-        v, nnx.Variable)))
-    rebuilt = nnx.merge(graphdef, lora_state, base_state)
-    x = random_input(3)
-    np.testing.assert_array_equal(rebuilt(x)[0], lora(x)[0])
-    plain = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0))
-    _, empty_lora, _ = split_params(plain)
-    assert not jax.tree.leaves(empty_lora)
-    plain.ch_tf.step_counter = nnx.BatchStat(jnp.zeros(()))
-    with pytest.raises(ValueError, match="non-parameter state.*step_counter"):
-        split_params(plain)
 
 
 def test_target_not_found_and_double_apply_are_errors(base_and_lora):

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from chest_jax import config
-from chest_jax.model import Estimator_v4, abstract_params, param_count, positional_encoding_sine
+from chest_jax.model import Estimator_v4, abstract_params, param_count, positional_encoding_sine, zero_forcing_equalize
 
 TINY_DMRS = (0, 384, 6)
 
@@ -181,7 +181,10 @@ def test_jit_matches_eager_in_eval_and_train(tiny_model):
         h_eager, eq_eager = forward(params, x, key, deterministic)
         h_jit, eq_jit = jitted(params, x, key, deterministic)
         np.testing.assert_allclose(h_jit, h_eager, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(eq_jit, eq_eager, rtol=1e-4, atol=1e-4)
+        # eq = Y / H amplifies H's float32 rounding where |H| is small, so compare each with the equalizer of its
+        # own estimate rather than eq_jit with eq_eager elementwise.
+        for h, eq in ((h_jit, eq_jit), (h_eager, eq_eager)):
+            np.testing.assert_allclose(eq, zero_forcing_equalize(x, h), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_mixed_precision_keeps_float32_params_and_outputs():
@@ -284,7 +287,7 @@ def test_matches_numpy_rederivation_of_spec(activation):
 
 
 def test_dropout_masks_keep_the_right_fraction_and_are_independent():
-    from chest_jax.model import dropout_bits
+    from chest_jax.rng import hash_bits as dropout_bits
     bits = np.asarray(dropout_bits(jax.random.key(0), (64, 256, 256)))
     u = bits.astype(np.float64) / 2.0**32
     assert abs(u.mean() - 0.5) < 1e-3 and abs(u.var() - 1 / 12) < 1e-3

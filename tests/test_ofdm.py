@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chest_jax import ofdm
+from chest_jax import channel_response, ofdm, rng
 from chest_jax.config import DatasetConfig, RefConfDict
 
 
@@ -136,17 +136,17 @@ def test_threefry_matches_known_answers_and_jax():
              ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
              ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0))]
     for key, counter, expected in cases:
-        out = jax.jit(ofdm.threefry2x32)(*(jnp.uint32(v) for v in key + counter))
+        out = jax.jit(rng.threefry2x32)(*(jnp.uint32(v) for v in key + counter))
         assert tuple(int(v) for v in out) == expected
     words = jax.random.bits(jax.random.key(1), (2, 1000), jnp.uint32)
     key = jnp.array([0x2545F491, 0x9E3779B9], jnp.uint32)
     expected = jax.extend.random.threefry_2x32(key, words.reshape(-1))
-    out = ofdm.threefry2x32(key[0], key[1], words[0], words[1])
+    out = rng.threefry2x32(key[0], key[1], words[0], words[1])
     np.testing.assert_array_equal(np.concatenate(out), expected)
 
 
 def test_noise_transform_is_circular_gaussian():
-    draws = ofdm.threefry2x32(jnp.uint32(7), jnp.uint32(11), jnp.arange(200_000, dtype=jnp.uint32), jnp.uint32(0))
+    draws = rng.threefry2x32(jnp.uint32(7), jnp.uint32(11), jnp.arange(200_000, dtype=jnp.uint32), jnp.uint32(0))
     sigma = 3e-7
     w = np.asarray(jax.jit(ofdm._complex_noise, static_argnums=2)(*draws, sigma), np.complex128) / sigma
     assert abs(np.mean(w)) < 0.01
@@ -177,7 +177,7 @@ def test_channel_matches_float64_reference(fft_size):
                        rng.uniform(0, 5, 6), np.array([0.0, 127.0, 127.5, 130.0, 64.0, 3e-7])]).astype(np.float32)
     gains = (rng.standard_normal((4, 6)) + 1j * rng.standard_normal((4, 6))).astype(np.complex64)
     gains[2, 3:] = 0
-    got = np.asarray(jax.jit(ofdm.channel_freq_response, static_argnums=2)(delays, gains, grid_spec))
+    got = np.asarray(jax.jit(channel_response.channel_freq_response, static_argnums=2)(delays, gains, grid_spec))
     for row in range(len(delays)):
         expected = reference_channel(delays[row].astype(np.float64), gains[row].astype(np.complex128), grid_spec)
         np.testing.assert_allclose(got[row], expected, rtol=0, atol=5e-6 * np.abs(expected).max())
@@ -187,13 +187,13 @@ def test_channel_of_the_default_frame_matches_float64_reference():
     # Fractional delays in ns (0.49152 samples per ns), up to the cyclic prefix.
     delays = np.array([[0.0, 11.7, 38.2, 95.1, 230.4, 512.9]], np.float32)
     gains = np.array([[1.0, 0.3 - 0.5j, 0.2j, -0.1, 0.05 + 0.05j, 0.02]], np.complex64)
-    got = np.asarray(jax.jit(ofdm.channel_freq_response, static_argnums=2)(delays, gains, DEFAULT))[0]
+    got = np.asarray(jax.jit(channel_response.channel_freq_response, static_argnums=2)(delays, gains, DEFAULT))[0]
     expected = reference_channel(delays[0].astype(np.float64), gains[0].astype(np.complex128), DEFAULT)
     np.testing.assert_allclose(got, expected, rtol=0, atol=5e-6 * np.abs(expected).max())
 
 
 def test_channel_of_no_taps_is_zero_not_nan():
-    response = jax.jit(ofdm.channel_freq_response, static_argnums=2)
+    response = jax.jit(channel_response.channel_freq_response, static_argnums=2)
     got = response(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.complex64), SMALL)
     assert np.all(np.asarray(got) == 0)
 

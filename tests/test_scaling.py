@@ -35,7 +35,7 @@ def run(devices):
     tr, fr = nnx.to_pure_dict(tr), nnx.to_pure_dict(fr)
     tx = make_optimizer(cfg.training)
     st = jax.device_put(TrainState(jnp.int32(0), tr, tx.init(tr), jnp.int32(0), jnp.int32(-1)), repl)
-    step = make_train_step(g, tx, spec, d.batch_size, 1.0, data if len(devices) > 1 else None)
+    step = make_train_step(g, tx, spec, d.batch_size, data_sharding=data if len(devices) > 1 else None)
     st, m = step(st, jax.device_put(fr, repl), jax.device_put(bank, repl), jax.device_put(dr, repl), key, key)
     batch_fn = jax.jit(lambda k: ofdm.generate_batch(k, bank, spec, d.batch_size, dr).inputs,
                        out_shardings=data if len(devices) > 1 else None)

@@ -106,11 +106,11 @@ def test_optimizers_and_schedule(tiny_cfg):
 
 def test_wandb_without_network_falls_back_to_offline(tiny_cfg, monkeypatch, tmp_path):
     pytest.importorskip("wandb")
-    from chest_jax import train
+    from chest_jax import runlog
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(train, "_network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(runlog, "_network_reachable", lambda *a, **k: False)
     lines = []
     cfg = tiny_cfg("training.num_iter=2", "training.use_wandb=true", "training.wandb_mode=online")
     result = run_training(cfg, kind="base", log=lines.append, progress=False)

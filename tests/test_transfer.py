@@ -5,7 +5,7 @@ import pytest
 
 from chest_jax import checkpoint as ckpt
 from chest_jax import loading
-from chest_jax.lora import params_fingerprint
+from chest_jax.lora import lora_leaves, params_fingerprint
 from chest_jax.train import run_training
 from conftest import quiet
 
@@ -81,7 +81,7 @@ def test_lora_trains_only_lora_leaves(tiny_cfg, tmp_path, base_run):
     base = loading.model_params(loading.load_model(str(base_run))[0])
     trained = ckpt.restore_tree(result.run_dir / "checkpoints" / "10",
                                 loading.abstract_model_params(_lora_model(base_run, result)), expected_from="test")
-    lora = loading.lora_subtree(trained)
+    lora = lora_leaves(trained)
     base_leaves = jax.tree_util.tree_flatten_with_path(base)[0]
     trained_flat = dict(jax.tree_util.tree_flatten_with_path(trained)[0])
     for path, leaf in base_leaves:
@@ -121,8 +121,8 @@ def test_finetune_continues_a_lora_run(tiny_cfg, base_run):
                          log=quiet, progress=False)
     cfg = _lora_cfg(tiny_cfg, first.run_dir, "training.model_load_mode=finetune", "training.saved_model_name=lora2")
     second = run_training(cfg, kind="lora", log=quiet, progress=False)
-    a = loading.lora_subtree(ckpt.load_adapter(first.run_dir / "adapter")[0])
-    b = loading.lora_subtree(ckpt.load_adapter(second.run_dir / "adapter")[0])
+    a = lora_leaves(ckpt.load_adapter(first.run_dir / "adapter")[0])
+    b = lora_leaves(ckpt.load_adapter(second.run_dir / "adapter")[0])
     diffs = [float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
     assert max(diffs) > 0
     assert ckpt.read_meta(second.run_dir / "adapter")["base_fingerprint"] == \

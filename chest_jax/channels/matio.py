@@ -12,12 +12,14 @@ from typing import Sequence
 import numpy as np
 import scipy.io
 
+from chest_jax.errors import UserError
+
 PDP_VARIABLE = "pdp"
 EXPECTED_FORMAT = (f"a MATLAB file with a variable `{PDP_VARIABLE}` holding a 1 x M cell array whose cells are "
                    "n x 2 [delay_ns, power] matrices (delays >= 0 ns, powers >= 0 and not all zero, all finite)")
 
 
-class PDPError(ValueError):
+class PDPError(UserError, ValueError):
     """A PDP file or profile list is missing, unreadable or malformed; the message names it and the fix."""
 
 

@@ -228,61 +228,52 @@ def _streams(channel_type: str, seed: int) -> list[np.random.Generator]:
     return [np.random.default_rng(child) for child in root.spawn(3)]
 
 
-def generate_drops(channel_type: str, num_profiles: int, seed: int, *, version: str = "v16",
-                   carrier_freq_ghz: float = 28.0, remove_below_db: Optional[float] = 25.0,
-                   los_inclusive_removal: bool = True) -> Drops:
-    """Draw `num_profiles` links of `channel_type` and return their tap lists with the draws behind them.
-
-    remove_below_db: clusters this many dB below the strongest are removed (None: keep all, as
-    Sionna and QuaDRiGa do). Each profile has at most N + 4 taps (N = the table's cluster count).
-    los_inclusive_removal: in LoS, compare the LoS-inclusive cluster powers with the threshold (ns-3,
-    the project's decision); False compares the NLoS-normalised powers instead (TR38901.md caveat 6).
-    """
-    if isinstance(num_profiles, bool) or not isinstance(num_profiles, (int, np.integer)) or num_profiles < 1:
-        raise ValueError(f"num_profiles must be a positive integer, got {num_profiles!r} (dataset.num_profiles)")
-    params = scenario_params(channel_type, version, carrier_freq_ghz=carrier_freq_ghz)
-    lsp_rng, delay_rng, shadow_rng = _streams(channel_type, seed)
-    num_drops, num_clusters = int(num_profiles), params.n_clusters
-
-    z_Mx2 = lsp_rng.standard_normal((num_drops, 2))
+def _large_scale(params: ScenarioParams, rng: np.random.Generator, num_drops: int, channel_type: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Step 1: lgDS and (LoS) K [dB] per drop, with their tabulated correlation; also DS in ns, K linear and C_tau."""
+    z_Mx2 = rng.standard_normal((num_drops, 2))
     lg_ds_M = params.mu_lg_ds + params.sigma_lg_ds * z_Mx2[:, 0]
     ds_ns_M = 10.0 ** (lg_ds_M + 9.0)
-    if params.los:
-        rho = params.rho_ds_k
-        k_db_M = params.k_mu_db + params.k_sigma_db * (rho * z_Mx2[:, 0] + math.sqrt(1.0 - rho**2) * z_Mx2[:, 1])
-        k_lin_M = 10.0 ** (k_db_M / 10.0)
-        c_tau_M = los_delay_scaling(k_db_M)
-        if np.any(c_tau_M <= 0):
-            raise ValueError(f"{channel_type}: a K-factor draw below -63 dB makes C_tau non-positive; "
-                             "this cannot happen with the tabulated K statistics, check the parameter table")
-    else:
-        k_db_M = np.full(num_drops, np.nan)
-        k_lin_M = np.zeros(num_drops)
-        c_tau_M = np.ones(num_drops)
+    if not params.los:
+        return lg_ds_M, ds_ns_M, np.full(num_drops, np.nan), np.zeros(num_drops), np.ones(num_drops)
+    rho = params.rho_ds_k
+    k_db_M = params.k_mu_db + params.k_sigma_db * (rho * z_Mx2[:, 0] + math.sqrt(1.0 - rho**2) * z_Mx2[:, 1])
+    c_tau_M = los_delay_scaling(k_db_M)
+    if np.any(c_tau_M <= 0):
+        raise ValueError(f"{channel_type}: a K-factor draw below -63 dB makes C_tau non-positive; "
+                         "this cannot happen with the tabulated K statistics, check the parameter table")
+    return lg_ds_M, ds_ns_M, k_db_M, 10.0 ** (k_db_M / 10.0), c_tau_M
 
-    # Step 5. 1 - U lies in (0, 1], so the logarithm stays finite.
+
+def _clusters(params: ScenarioParams, ds_ns_M: np.ndarray, delay_rng: np.random.Generator,
+              shadow_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 5-6: sorted cluster delays (ns, first at 0, before the LoS scaling) and normalised powers (M, N)."""
+    num_drops, num_clusters = ds_ns_M.shape[0], params.n_clusters
+    # 1 - U lies in (0, 1], so the logarithm stays finite.
     x_MxN = 1.0 - delay_rng.random((num_drops, num_clusters))
     tau_MxN = np.sort(-params.r_tau * ds_ns_M[:, None] * np.log(x_MxN), axis=1)
     tau_MxN -= tau_MxN[:, :1]
-    tau_out_MxN = tau_MxN / c_tau_M[:, None]
-
-    # Step 6, on the unscaled delays.
     shadow_db_MxN = params.zeta_db * shadow_rng.standard_normal((num_drops, num_clusters))
     p_MxN = np.exp(-tau_MxN * (params.r_tau - 1.0) / (params.r_tau * ds_ns_M[:, None])) * 10.0 ** (-shadow_db_MxN / 10)
-    p_MxN /= p_MxN.sum(axis=1, keepdims=True)
+    return tau_MxN, p_MxN / p_MxN.sum(axis=1, keepdims=True)
 
-    los_share_M = k_lin_M / (k_lin_M + 1.0)
-    nlos_scale_M = 1.0 / (k_lin_M + 1.0)
+
+def _kept(p_MxN: np.ndarray, los_share_M: np.ndarray, nlos_scale_M: np.ndarray, remove_below_db: Optional[float],
+          los_inclusive_removal: bool) -> np.ndarray:
+    """(M, N) bool: the clusters within remove_below_db of the strongest (module docstring, point 4)."""
+    if remove_below_db is None:
+        return np.ones_like(p_MxN, dtype=bool)
     p_with_los_MxN = p_MxN * nlos_scale_M[:, None]
     p_with_los_MxN[:, 0] += los_share_M
-    if remove_below_db is None:
-        kept_MxN = np.ones_like(p_MxN, dtype=bool)
-    else:
-        compared_MxN = p_with_los_MxN if los_inclusive_removal else p_MxN
-        threshold_M = compared_MxN.max(axis=1) * 10.0 ** (-remove_below_db / 10.0)
-        kept_MxN = compared_MxN >= threshold_M[:, None]
+    compared_MxN = p_with_los_MxN if los_inclusive_removal else p_MxN
+    threshold_M = compared_MxN.max(axis=1) * 10.0 ** (-remove_below_db / 10.0)
+    return compared_MxN >= threshold_M[:, None]
 
-    # Step 11: rank the remaining clusters by their NLoS-normalised power.
+
+def _taps(params: ScenarioParams, tau_out_MxN: np.ndarray, p_MxN: np.ndarray, kept_MxN: np.ndarray,
+          los_share_M: np.ndarray, nlos_scale_M: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Step 11 and the LoS ray: the tap lists (n_i, 2) [delay_ns, power] summing to 1, and the LoS power share."""
+    # Rank the remaining clusters by their NLoS-normalised power.
     rank_order_MxN = np.argsort(np.where(kept_MxN, p_MxN, -1.0), axis=1)[:, ::-1]
     strongest_Mx2 = rank_order_MxN[:, :NUM_STRONGEST_SPLIT]
     strongest_kept_Mx2 = np.take_along_axis(kept_MxN, strongest_Mx2, axis=1)
@@ -309,7 +300,6 @@ def generate_drops(channel_type: str, num_profiles: int, seed: int, *, version: 
 
     total_M = power_MxT.sum(axis=1)
     power_MxT /= total_M[:, None]
-    los_power_M = los_share_M / total_M
     delay_MxT = np.where(valid_MxT, delay_MxT, np.inf)
     delay_MxT -= delay_MxT.min(axis=1, keepdims=True)
     order_MxT = np.argsort(delay_MxT, axis=1, kind="stable")
@@ -317,7 +307,30 @@ def generate_drops(channel_type: str, num_profiles: int, seed: int, *, version: 
     power_MxT = np.take_along_axis(power_MxT, order_MxT, axis=1)
     num_taps_M = valid_MxT.sum(axis=1)
     profiles = [np.stack([delay_MxT[i, :n], power_MxT[i, :n]], axis=1) for i, n in enumerate(num_taps_M)]
+    return profiles, los_share_M / total_M
 
+
+def generate_drops(channel_type: str, num_profiles: int, seed: int, *, version: str = "v16",
+                   carrier_freq_ghz: float = 28.0, remove_below_db: Optional[float] = 25.0,
+                   los_inclusive_removal: bool = True) -> Drops:
+    """Draw `num_profiles` links of `channel_type` and return their tap lists with the draws behind them.
+
+    remove_below_db: clusters this many dB below the strongest are removed (None: keep all, as
+    Sionna and QuaDRiGa do). Each profile has at most N + 4 taps (N = the table's cluster count).
+    los_inclusive_removal: in LoS, compare the LoS-inclusive cluster powers with the threshold (ns-3,
+    the project's decision); False compares the NLoS-normalised powers instead (TR38901.md caveat 6).
+    """
+    if isinstance(num_profiles, bool) or not isinstance(num_profiles, (int, np.integer)) or num_profiles < 1:
+        raise ValueError(f"num_profiles must be a positive integer, got {num_profiles!r} (dataset.num_profiles)")
+    params = scenario_params(channel_type, version, carrier_freq_ghz=carrier_freq_ghz)
+    lsp_rng, delay_rng, shadow_rng = _streams(channel_type, seed)
+    num_drops = int(num_profiles)
+    lg_ds_M, ds_ns_M, k_db_M, k_lin_M, c_tau_M = _large_scale(params, lsp_rng, num_drops, channel_type)
+    tau_MxN, p_MxN = _clusters(params, ds_ns_M, delay_rng, shadow_rng)
+    los_share_M = k_lin_M / (k_lin_M + 1.0)
+    nlos_scale_M = 1.0 / (k_lin_M + 1.0)
+    kept_MxN = _kept(p_MxN, los_share_M, nlos_scale_M, remove_below_db, los_inclusive_removal)
+    profiles, los_power_M = _taps(params, tau_MxN / c_tau_M[:, None], p_MxN, kept_MxN, los_share_M, nlos_scale_M)
     if params.los:
         stretched = int(np.sum(k_db_M > 20.0))
         if stretched:
