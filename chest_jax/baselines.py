@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chest_jax import config as config_lib
-from chest_jax import channel_response, ofdm, testsets
+from chest_jax import channel_response, interpolation, ofdm, testsets
 from chest_jax.config import Config
 from chest_jax.metrics import to_complex
 
@@ -46,21 +46,9 @@ def pilot_observations(inputs_BxSxKx2: Any, spec: ofdm.FrameSpec) -> np.ndarray:
 
 
 def ls_linear(inputs_BxSxKx2: Any, spec: ofdm.FrameSpec) -> np.ndarray:
-    """LS at the DMRS pilots, linearly interpolated over the subcarriers: complex (B, K).
-
-    Subcarriers outside the pilot range (below the first or beyond the last pilot, e.g. the last 5 of
-    3072 with dmrs range(0, 3072, 6)) take the nearest edge pilot's value (held, not extrapolated):
-    extrapolating the edge segment would amplify the noise of two pilots up to 4x at low SNR.
-    """
-    y_BxP = pilot_observations(inputs_BxSxKx2, spec)
-    pilots = np.asarray(spec.dmrs_index)
-    k = np.arange(spec.num_used)
-    if pilots.size == 1:
-        return np.repeat(y_BxP, spec.num_used, axis=1)
-    k_held = np.clip(k, pilots[0], pilots[-1])
-    left = np.clip(np.searchsorted(pilots, k_held, side="right") - 1, 0, pilots.size - 2)
-    weight = (k_held - pilots[left]) / (pilots[left + 1] - pilots[left])
-    return (1.0 - weight) * y_BxP[:, left] + weight * y_BxP[:, left + 1]
+    """LS at the DMRS pilots, linearly interpolated over the subcarriers (edge pilots held, see
+    `chest_jax.interpolation`): complex (B, K)."""
+    return interpolation.interpolate(pilot_observations(inputs_BxSxKx2, spec), spec.dmrs, spec.num_used)
 
 
 @functools.lru_cache(maxsize=8)

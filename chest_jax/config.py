@@ -47,6 +47,22 @@ def dmrs_problem(dmrs: typing.Sequence[int], num_used: int) -> Optional[str]:
     return None
 
 
+# Dataset keys that decide the population a model is trained and scored on: the profile pool and its split
+# (which profiles are test profiles), the channel model, the frame and the link budget. Models trained on other
+# channel types, distance ranges, weights, batch sizes or data seeds are still comparable on one test set;
+# models trained on another pool, split or frame are not (their "test" profiles may be training profiles).
+POPULATION_KEYS = ("pdp_dir", "num_profiles", "pdp_seed", "tr38901_version", "split", "split_seed",
+                   "carrier_freq", "subcarrier_spacing", "fft_size", "num_guard_subcarriers", "num_symbol",
+                   "cp_length", "ref_conf_dict", "mod_order", "transmit_power", "noise_spectral_density",
+                   "is_channel", "is_noise", "max_random_tap_delay_cp_proportion")
+
+
+def population_differences(trained: "DatasetConfig", scored: "DatasetConfig") -> list[str]:
+    """`dataset.<key>: trained X, compare Y` for each POPULATION_KEYS entry that differs."""
+    a, b = to_dict(trained), to_dict(scored)
+    return [f"dataset.{k}: trained {a[k]!r}, compare {b[k]!r}" for k in POPULATION_KEYS if a[k] != b[k]]
+
+
 def mod_order_problem(mod_order: int) -> Optional[str]:
     """Why `mod_order` is not a square QAM order the generator supports (4, 16, 64, ..., MAX_QAM_ORDER), or None."""
     levels = math.isqrt(mod_order) if mod_order > 0 else 0
@@ -128,6 +144,10 @@ class ChEstimationConfig:
     cond: CondConfig = field(default_factory=CondConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     peft: Optional[PeftConfig] = None
+    # chest-jax variant, off by default: "ls_linear" makes the transformer predict a correction added to the LS +
+    # linear interpolation of the pilots (its output layer zero-initialised, so training starts at LS). The
+    # PyTorch original cannot represent it (export refuses it).
+    residual: Literal["none", "ls_linear"] = "none"
 
 
 @dataclass(frozen=True)
@@ -181,10 +201,15 @@ class CompareConfig:
     distances: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0, 200.0, 300.0, 500.0)  # NMSE-vs-distance curves
     curve_samples: int = 50
     seed: int = 1234
-    baselines: tuple[str, ...] = ("ls_linear", "lmmse_genie", "lmmse_practical")
+    baselines: tuple[str, ...] = BASELINES  # every classical estimator (chest_jax.baselines)
     lmmse_train_samples: int = 2000  # samples of the training split used to estimate the practical correlation
     cache_dir: str = ".cache/testsets"
     out_dir: str = "results"
+    # Test sets in the original's format, scored beside the generated ones: each a prefix of the pair
+    # <prefix>_input.npy / <prefix>_true.npy (compare.py --test-set PREFIX).
+    original_test_sets: tuple[str, ...] = ()
+    # Score models trained on another profile pool / split / frame than `dataset` (marked in the table).
+    allow_population_mismatch: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from chest_jax import baselines, ofdm
 from chest_jax.metrics import db, evm_per_sample, evm_percent_from_db, nmse_db, nmse_per_sample, to_complex, zf_equalize
-from chest_jax.testsets import TestBatch, TestSet
+from chest_jax.testsets import TestBatch, TestSet, TestSetError
 
 EstimateFn = Callable[[TestBatch], tuple[np.ndarray, Optional[np.ndarray]]]
 
@@ -26,7 +26,7 @@ EstimateFn = Callable[[TestBatch], tuple[np.ndarray, Optional[np.ndarray]]]
 def _check_against_spec(test_set: TestSet, spec: ofdm.FrameSpec) -> None:
     shape = test_set.arrays["inputs"].shape
     if shape[2] != spec.num_used or shape[1] not in (1, spec.num_symbol):
-        raise ValueError(f"test set {test_set.name!r} has inputs {shape} but the frame has K={spec.num_used} used "
+        raise TestSetError(f"test set {test_set.name!r} has inputs {shape} but the frame has K={spec.num_used} used "
                          f"subcarriers and {spec.num_symbol} symbols (or 1 for pilots only): evaluate it with the "
                          "dataset config it was made for")
 

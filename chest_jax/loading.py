@@ -48,17 +48,24 @@ def abstract_model_params(model: nnx.Module) -> dict:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model_params(model))
 
 
-def _model_hint(stored_cfg: config_lib.Config | None, cfg: config_lib.Config) -> str:
-    if stored_cfg is None:
-        return ""
+def _model_differences(stored_cfg: config_lib.Config, cfg: config_lib.Config) -> list[str]:
+    """Model settings of a checkpoint's stored config that `cfg` changes (dropout aside: it acts in training only)."""
     diffs = []
     for section in ("cond", "transformer"):
         a = config_lib.to_dict(getattr(stored_cfg.ch_estimation, section))
         b = config_lib.to_dict(getattr(cfg.ch_estimation, section))
-        diffs += [f"ch_estimation.{section}.{k}: checkpoint {a[k]!r}, config {b[k]!r}" for k in a if a[k] != b[k]]
+        diffs += [f"ch_estimation.{section}.{k}: checkpoint {a[k]!r}, config {b[k]!r}"
+                  for k in a if a[k] != b[k] and k != "dropout"]
+    if stored_cfg.ch_estimation.residual != cfg.ch_estimation.residual:
+        diffs.append(f"ch_estimation.residual: checkpoint {stored_cfg.ch_estimation.residual!r}, "
+                     f"config {cfg.ch_estimation.residual!r}")
     if stored_cfg.dataset.ref_conf_dict.dmrs != cfg.dataset.ref_conf_dict.dmrs:
         diffs.append(f"dataset.ref_conf_dict.dmrs: checkpoint {list(stored_cfg.dataset.ref_conf_dict.dmrs)}, "
                      f"config {list(cfg.dataset.ref_conf_dict.dmrs)}")
+    return diffs
+
+
+def _model_hint(diffs: list[str]) -> str:
     if not diffs:
         return ""
     return "The checkpoint was trained with a different model config:\n  " + "\n  ".join(diffs) + \
@@ -78,8 +85,14 @@ def restore_base(path: str | Path, cfg: config_lib.Config, *, config_source: str
         stored_cfg = ckpt.config_from_meta(meta, path)
     except Exception:  # noqa: BLE001 - a missing stored config only loses the hint
         pass
-    params = ckpt.restore_tree(path, abstract_base_params(cfg), hint=_model_hint(stored_cfg, cfg),
+    diffs = _model_differences(stored_cfg, cfg) if stored_cfg is not None else []
+    params = ckpt.restore_tree(path, abstract_base_params(cfg), hint=_model_hint(diffs),
                                expected_from=f"the model config of {config_source}")
+    # Settings such as n_head, the activation or the residual variant change what the same parameters compute
+    # without changing their shapes, so the strict structure check cannot catch them: refuse them here.
+    if diffs:
+        raise ckpt.CheckpointMismatchError(f"{path} cannot be used with the model config of {config_source}. "
+                                           + _model_hint(diffs))
     model = nnx.eval_shape(lambda: new_model(cfg, jax.random.key(0)))
     set_params(model, params)
     fingerprint = params_fingerprint(params)
@@ -208,6 +221,28 @@ def load_model(spec: str, *, output_dir: str = "runs",
         meta, _ = attach_adapter(model, adapter_path, base_fingerprint=params_fingerprint(model_params(model)),
                                  key=jax.random.key(0), log=log)
     return model, cfg, meta
+
+
+def training_datasets(spec: str, *, output_dir: str = "runs") -> list[tuple[str, config_lib.DatasetConfig]]:
+    """The dataset configs a model spec (PATH or BASE+ADAPTER) was trained on: its own, its adapter's, and the
+    base it was adapted from where that is recorded and still on disk, each named by where it was read."""
+    base_spec, _, adapter_spec = spec.partition("+")
+    paths = [ckpt.resolve_model_path(base_spec, output_dir)]
+    if adapter_spec:
+        adapter_path = Path(adapter_spec)
+        paths.append(adapter_path / "adapter" if (adapter_path / "adapter").is_dir() else adapter_path)
+    found: list[tuple[str, config_lib.DatasetConfig]] = []
+    for path in paths:
+        meta = ckpt.read_meta(path)
+        found.append((str(path), ckpt.config_from_meta(meta, path).dataset))
+        base_path = meta.get("base_path")
+        if base_path and str(base_path) not in {p for p, _ in found}:
+            try:
+                resolved = ckpt.resolve_model_path(base_path, output_dir)
+            except ckpt.CheckpointError:
+                continue  # the base was moved or deleted: its adapter's own config is still checked
+            found.append((str(resolved), ckpt.config_from_meta(ckpt.read_meta(resolved), resolved).dataset))
+    return found
 
 
 def make_predict_fn(model: Estimator_v4) -> Callable[[Any], tuple[jax.Array, jax.Array]]:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from chest_jax import rng
+from chest_jax import interpolation, rng
 from chest_jax.config import ChEstimationConfig, dmrs_problem
 
 # PyTorch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the torch MultiheadAttention
@@ -91,6 +91,25 @@ class Dropout(nnx.Module):
         return _dropout(x, self.rate, deterministic, rngs)
 
 
+def _softmax_attention(q_BxHxQxE: jax.Array, kt_BxHxExK: jax.Array, v_BxHxKxE: jax.Array, rate: float,
+                       deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    """softmax(q k^T) v per head, the softmax in float32, dropout on the weights in training; q is pre-scaled.
+
+    Heads lead and k comes transposed, so both products are plain batched matmuls (XLA:CPU spent most of the
+    attention in the transposes of a `bqhe,bkhe->bhqk` einsum). Without dropout the normalisation is applied to
+    the (Q, E) output instead of the (Q, K) weights, the same arithmetic with K / E times fewer divides; with
+    dropout the weights are normalised first, as the original drops normalised weights.
+    """
+    logits_BxHxQxK = (q_BxHxQxE @ kt_BxHxExK).astype(jnp.float32)
+    p_BxHxQxK = jnp.exp(logits_BxHxQxK - jax.lax.stop_gradient(jnp.max(logits_BxHxQxK, axis=-1, keepdims=True)))
+    total_BxHxQx1 = jnp.sum(p_BxHxQxK, axis=-1, keepdims=True)
+    cd = v_BxHxKxE.dtype
+    if deterministic or rate == 0.0:
+        return ((p_BxHxQxK.astype(cd) @ v_BxHxKxE).astype(jnp.float32) / total_BxHxQx1).astype(cd)
+    weights_BxHxQxK = _dropout(p_BxHxQxK / total_BxHxQx1, rate, deterministic, rngs)
+    return weights_BxHxQxK.astype(cd) @ v_BxHxKxE
+
+
 class MultiheadAttention(nnx.Module):
     """PyTorch-style multi-head attention with separate in-projections (`q/k/v_proj_weight`, (in, out)).
 
@@ -124,14 +143,12 @@ class MultiheadAttention(nnx.Module):
         k_BxKxD = key.astype(cd) @ self.k_proj_weight[...].astype(cd) + b_k
         v_BxKxD = value.astype(cd) @ self.v_proj_weight[...].astype(cd) + b_v
         batch, n_q, n_k = q_BxQxD.shape[0], q_BxQxD.shape[1], k_BxKxD.shape[1]
-        q_BxQxHxE = q_BxQxD.reshape(batch, n_q, h, d // h)
-        k_BxKxHxE = k_BxKxD.reshape(batch, n_k, h, d // h)
-        v_BxKxHxE = v_BxKxD.reshape(batch, n_k, h, d // h)
-        logits_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", q_BxQxHxE, k_BxKxHxE) / jnp.asarray(
-            math.sqrt(d // h), cd)
-        weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK.astype(jnp.float32), axis=-1).astype(cd)
-        weights_BxHxQxK = _dropout(weights_BxHxQxK, self.dropout, deterministic, rngs)
-        out_BxQxD = jnp.einsum("bhqk,bkhe->bqhe", weights_BxHxQxK, v_BxKxHxE).reshape(batch, n_q, d)
+        heads = lambda x, n: x.reshape(batch, n, h, d // h).transpose(0, 2, 1, 3)  # noqa: E731
+        q_BxHxQxE = heads(q_BxQxD * jnp.asarray(1.0 / math.sqrt(d // h), cd), n_q)
+        kt_BxHxExK = heads(k_BxKxD, n_k).transpose(0, 1, 3, 2)
+        v_BxHxKxE = heads(v_BxKxD, n_k)
+        out_BxHxQxE = _softmax_attention(q_BxHxQxE, kt_BxHxExK, v_BxHxKxE, self.dropout, deterministic, rngs)
+        out_BxQxD = out_BxHxQxE.transpose(0, 2, 1, 3).reshape(batch, n_q, d)
         return self.out_proj(out_BxQxD)
 
 
@@ -226,7 +243,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, length: int, channels: int, num_layers: int, d_model: int, n_token: int, n_head: int,
                  dim_feedforward: int, dropout: float, activation: str, cond_net: ConditionNetwork, *,
-                 rngs: nnx.Rngs, dtype: Any = jnp.float32):
+                 rngs: nnx.Rngs, dtype: Any = jnp.float32, zero_output: bool = False):
         if length % n_token:
             raise ValueError(f"transformer length={length} is not divisible by n_token={n_token}")
         self.length, self.channels, self.n_token, self.d_model = length, channels, n_token, d_model
@@ -238,7 +255,10 @@ class Transformer(nnx.Module):
             for _ in range(num_layers)
         ])
         self._embedding = nnx.Param(jax.random.normal(rngs.params(), (n_token, d_model), jnp.float32))
-        self._linear = Linear(d_model, channels * length // n_token, dtype=dtype, rngs=rngs)
+        # zero_output (the residual variant): the output starts at exactly 0, so the model starts at its
+        # reference estimate; the kernel's gradient (activations x output error) is non-zero from step 1.
+        out_init = jax.nn.initializers.zeros if zero_output else xavier_uniform
+        self._linear = Linear(d_model, channels * length // n_token, kernel_init=out_init, dtype=dtype, rngs=rngs)
 
     def __call__(self, cond_BxCxK: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -275,10 +295,11 @@ class Estimator_v4(nnx.Module):  # noqa: N801 - the original's class name
         self.num_subcarriers = tf.length
         self.dmrs = tuple(int(v) for v in dmrs)
         self.compute_dtype = compute_dtype
+        self.residual = cfg.residual
         cond_net = ConditionNetwork(cond.length, cond.in_channels, cond.step_size, cond.steps_per_token)
         self.ch_tf = Transformer(tf.length, tf.channels, tf.num_layers, tf.d_model, tf.n_token, tf.n_head,
                                  tf.dim_feedforward, tf.dropout, tf.activation, cond_net, dtype=compute_dtype,
-                                 rngs=rngs)
+                                 rngs=rngs, zero_output=cfg.residual != "none")
 
     def __call__(self, x_BxSxKx2: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
@@ -314,6 +335,9 @@ class Estimator_v4(nnx.Module):  # noqa: N801 - the original's class name
 
         h_Bx2xK = self.ch_tf(c_Bx2xK / scale_Bx1x1, deterministic=deterministic, rngs=rngs) * scale_Bx1x1
         h_est_BxKx2 = h_Bx2xK.transpose(0, 2, 1)
+        if self.residual == "ls_linear":
+            h_est_BxKx2 = h_est_BxKx2 + interpolation.interpolate(x[:, 0, pilots, :], self.dmrs,
+                                                                  self.num_subcarriers, xp=jnp)
         return h_est_BxKx2, zero_forcing_equalize(x, jax.lax.stop_gradient(h_est_BxKx2))
 
 

@@ -96,18 +96,20 @@ def plot_nmse_bars(entries: Sequence[Mapping[str, Any]], path: str | Path, title
     return _save(fig, path)
 
 
-def plot_nmse_vs_distance(distances_m: Sequence[float], series: Mapping[str, Mapping[str, Any]],
-                          path: str | Path, title: str) -> str:
-    """NMSE (dB) against the Tx-Rx distance (m, log axis), one curve per estimator.
+def plot_nmse_curve(x: Sequence[float], series: Mapping[str, Mapping[str, Any]], path: str | Path, title: str,
+                    *, xlabel: str, log_x: bool) -> str:
+    """NMSE (dB) against x (the Tx-Rx distance in m on a log axis, or the pilot SNR in dB), one curve per
+    estimator.
 
-    series maps a label to a dict with `nmse_db` (one value per distance), optional `nmse_db_std` (spread
-    over seeds, drawn as a band) and `kind` ("model" solid with markers, "baseline" dashed grey tones).
+    series maps a label to a dict with `nmse_db` (one value per x), optional `nmse_db_std` (spread over seeds,
+    drawn as a band) and `kind` ("model" solid with markers, "baseline" dashed grey tones).
     """
     fig = Figure(figsize=(7.5, 5.0))
     ax = fig.subplots()
-    distances = np.asarray(distances_m, dtype=float)
+    xs = np.asarray(x, dtype=float)
     model_index = 0
-    baseline_styles = iter([("0.2", "--", "s"), ("0.45", ":", "^"), ("0.6", "-.", "v"), ("0.7", "--", "x")])
+    baseline_styles = iter([("0.2", "--", "s"), ("0.45", ":", "^"), ("0.6", "-.", "v"), ("0.7", "--", "x"),
+                            ("0.35", "-.", "d")])
     for label, s in series.items():
         values = np.asarray(s["nmse_db"], dtype=float)
         if s.get("kind", "model") == "model":
@@ -115,15 +117,16 @@ def plot_nmse_vs_distance(distances_m: Sequence[float], series: Mapping[str, Map
             model_index += 1
         else:
             color, ls, marker = next(baseline_styles, ("0.5", "--", "."))
-        ax.plot(distances, values, color=color, ls=ls, marker=marker, ms=4, label=label)
+        ax.plot(xs, values, color=color, ls=ls, marker=marker, ms=4, label=label)
         std = s.get("nmse_db_std")
         if std is not None and any(v for v in std if v is not None and not math.isnan(v)):
             std = np.asarray([0.0 if v is None else v for v in std], dtype=float)
-            ax.fill_between(distances, values - std, values + std, color=color, alpha=0.2, lw=0)
-    ax.set_xscale("log")
-    ax.set_xticks(distances, [f"{d:g}" for d in distances])
-    ax.minorticks_off()
-    ax.set_xlabel("Tx-Rx distance (m), log scale")
+            ax.fill_between(xs, values - std, values + std, color=color, alpha=0.2, lw=0)
+    if log_x:
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{d:g}" for d in xs])
+        ax.minorticks_off()
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("NMSE (dB), mean of per-sample NMSE; lower is better")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

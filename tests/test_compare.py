@@ -46,7 +46,7 @@ def test_run_compare_writes_every_output(tmp_path):
 
     out = tmp_path / "out"
     expected_files = ["results.csv", "results.json", "nmse_InF_Los_50m.png", "nmse_InF_Los_200m.png",
-                      "nmse_vs_distance_InF_Los.png"]
+                      "nmse_vs_distance_InF_Los.png", "nmse_vs_snr_InF_Los.png"]
     for name in expected_files:
         assert (out / name).is_file(), name
     for name in expected_files[2:]:
@@ -58,7 +58,7 @@ def test_run_compare_writes_every_output(tmp_path):
         rows = list(csv.DictReader(f))
     assert set(compare.CSV_COLUMNS) <= set(rows[0])
     by_key = {(r["model"], r["test_set"]): r for r in rows}
-    labels = ["ls_model", "noisy", "ls_linear", "lmmse_genie", "lmmse_practical"]
+    labels = ["ls_model", "noisy", *C.BASELINES]  # every baseline by default
     assert set(by_key) == {(m, t) for m in labels for t in ("InF_Los_50m", "InF_Los_200m")}
 
     for test_set in ("InF_Los_50m", "InF_Los_200m"):
@@ -77,6 +77,8 @@ def test_run_compare_writes_every_output(tmp_path):
     assert [r["seed"] for r in noisy_runs] == [0, 1] and len(noisy_runs[0]["per_sample_nmse_db"]) == 6
     curve = data["curves"]["InF_Los"]
     assert curve["distances_m"] == [20.0, 300.0]
+    # the pilot SNR of each curve point, from its own channels and noise: falls with distance, by the link budget
+    assert curve["pilot_snr_db"][0] > curve["pilot_snr_db"][1] + 10
     assert set(curve["series"]) == set(labels)
     ls_curve = curve["series"]["ls_linear"]["nmse_db"]
     assert ls_curve[0] < ls_curve[1]  # LS degrades with distance (lower SNR)
@@ -147,3 +149,81 @@ def test_cli_scores_a_saved_model(tmp_path):
         rows = {r["model"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"untrained", "ls_linear"}
     assert np.isfinite(float(rows["untrained"]["nmse_db"])) and rows["untrained"]["evm_db"] != ""
+
+
+def _saved_model(tmp_path, overrides, name="run"):
+    import jax
+
+    from chest_jax import checkpoint, loading, lora
+
+    cfg = C.load(None, overrides)
+    params = loading.model_params(loading.new_model(cfg, jax.random.key(0)))
+    checkpoint.save_model(tmp_path / name / "final", params, cfg, kind="base", step=0,
+                          fingerprint=lora.params_fingerprint(params))
+    return tmp_path / name
+
+
+TINY_MODEL = ["ch_estimation.transformer.d_model=16", "ch_estimation.transformer.n_head=2",
+              "ch_estimation.transformer.dim_feedforward=32", "ch_estimation.transformer.num_layers=1"]
+ONE_SET = ["compare.baselines=[ls_linear]", "compare.test_sets=[{channel_type: InF_Los, distance: 50.0, num_samples: 3}]",
+           "compare.distances=[50.0]", "compare.curve_samples=2"]
+
+
+def test_cli_refuses_a_model_of_another_split_unless_asked(tmp_path, capsys):
+    """A model trained with another split_seed has training profiles among these test profiles: refuse, name
+    the key; with --allow-population-mismatch score it and mark it in the table and the CSV."""
+    common = [*SMALL, *TINY_MODEL, f"compare.cache_dir={tmp_path / 'cache'}", *ONE_SET]
+    run = _saved_model(tmp_path, [*common, "dataset.split_seed=7"])
+    assert compare.cli(["--models", str(run), "--out", str(tmp_path / "out"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.split_seed: trained 7, compare 0" in err and "--allow-population-mismatch" in err
+    assert not (tmp_path / "out" / "results.csv").exists()
+    # distance range, channel types and data seed do not change the population: no complaint
+    same = _saved_model(tmp_path, [*common, "dataset.rnd_seed=3", "dataset.distance_range=[10, 60]"], "same")
+    assert compare.cli(["--models", str(same), "--out", str(tmp_path / "ok"), *common]) == 0
+
+    assert compare.cli(["--models", str(run), "--out", str(tmp_path / "out"), "--allow-population-mismatch",
+                        *common]) == 0
+    out = capsys.readouterr().out
+    assert "run *" in out and "trained on another data population" in out
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert "dataset.split_seed: trained 7, compare 0" in rows["run"]["population_mismatch"]
+    assert rows["ls_linear"]["population_mismatch"] == ""
+
+
+def test_cli_overrides_after_models_are_not_taken_for_models(tmp_path):
+    assert compare._split_overrides(["a", "lbl=runs/b", "compare.seed=3"], ["training.lr=1"]) == (
+        ["a", "lbl=runs/b"], ["compare.seed=3", "training.lr=1"])
+    common = [*SMALL, *TINY_MODEL, f"compare.cache_dir={tmp_path / 'cache'}", *ONE_SET]
+    run = _saved_model(tmp_path, common)
+    assert compare.cli(["--out", str(tmp_path / "out"), "--models", str(run), *common]) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["config"]["compare"]["curve_samples"] == 2 and list(data["test_sets"]) == ["InF_Los_50m"]
+
+
+def test_cli_scores_original_format_test_files(tmp_path):
+    """`--test-set PREFIX`: the original's <prefix>_input.npy / _true.npy scored end to end, with the baselines
+    that need no knowledge of the test scenario; LS on the file equals LS on the set it was written from."""
+    from chest_jax import testsets
+
+    common = [*SMALL, *TINY_MODEL, f"compare.cache_dir={tmp_path / 'cache'}", "compare.lmmse_train_samples=16"]
+    cfg = C.load(None, common)
+    generated = testsets.load_or_make_test_set(cfg, C.TestSetConfig("InF_Los", 50.0, 4), seed=5,
+                                               cache_dir=str(tmp_path / "cache"), full=True)
+    testsets.save_original_test_set(generated, tmp_path / "files" / "inf50")
+    run = _saved_model(tmp_path, common)
+    assert compare.cli(["--models", f"m={run}", "--test-set", str(tmp_path / "files" / "inf50"),
+                        "--out", str(tmp_path / "out"), *common]) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(data["test_sets"]) == ["inf50"] and data["curves"] == {}
+    estimators = data["test_sets"]["inf50"]["estimators"]
+    assert set(estimators) == {"m", "ls_linear", "dft_ls", "lmmse_pooled"}  # no scenario corr., no taps
+    assert data["test_sets"]["inf50"]["source"].startswith("file:")
+    spec = ofdm.FrameSpec.from_config(cfg.dataset)
+    direct = metrics.nmse_db(metrics.nmse_per_sample(generated.arrays["h"],
+                                                     baselines.ls_linear(generated.arrays["inputs"], spec)))
+    assert estimators["ls_linear"]["nmse_db"] == pytest.approx(direct, abs=1e-4)
+    assert (tmp_path / "out" / "nmse_inf50.png").is_file()
+    assert compare.cli(["--models", str(run), "--test-set", str(tmp_path / "missing"),
+                        "--out", str(tmp_path / "out2"), *common]) == 2

@@ -444,3 +444,12 @@ def test_cli_imports_fixture_adapter_and_exports_it_back(tmp_path):
     assert all(written[k].tobytes() == v.tobytes() for k, v in original.items())
     peft, _ = interop.load_peft_adapter(tmp_path / "peft")
     assert dataclasses.astuple(peft)[:4] == ("LORA", 8, 16.0, 0.05)
+
+
+def test_residual_variant_is_refused_both_ways():
+    """The original has no LS + linear skip path: its weights would compute something else."""
+    residual = config.load(None, [*SMALL_OVERRIDES, "ch_estimation.residual=ls_linear"]).ch_estimation
+    with pytest.raises(InteropError, match="residual='ls_linear'.*cannot represent"):
+        interop.torch_state_dict_to_params({}, residual, DMRS)
+    with pytest.raises(InteropError, match="residual='ls_linear'.*cannot represent"):
+        interop.params_to_torch_state_dict({}, residual, DMRS)

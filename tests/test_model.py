@@ -1,4 +1,5 @@
 """Estimator_v4: parameter tree, shapes, init, dropout, invariances, and a NumPy re-derivation from SPEC 3."""
+import dataclasses
 import math
 
 import jax
@@ -298,3 +299,42 @@ def test_dropout_masks_keep_the_right_fraction_and_are_independent():
     other = np.asarray(dropout_bits(jax.random.key(1), (64, 256, 256))).astype(np.float64) / 2.0**32
     assert abs(np.corrcoef(flat, other.ravel())[0, 1]) < 5e-3
     np.testing.assert_array_equal(bits, np.asarray(dropout_bits(jax.random.key(0), (64, 256, 256))))
+
+
+def _ls_linear_numpy(x_BxSxKx2, dmrs):
+    """LS + linear interpolation written out independently: np.interp over the pilot positions (edges held)."""
+    pilots = np.arange(*dmrs)
+    k = np.arange(x_BxSxKx2.shape[2])
+    y = np.asarray(x_BxSxKx2)[:, 0, pilots, :]
+    return np.stack([[np.interp(k, pilots, y[b, :, c]) for c in range(2)] for b in range(y.shape[0])]
+                    ).transpose(0, 2, 1)
+
+
+def test_residual_variant_starts_exactly_at_ls_linear_and_learns():
+    import optax
+
+    model = Estimator_v4(dataclasses.replace(tiny_cfg(), residual="ls_linear"), TINY_DMRS, rngs=nnx.Rngs(0))
+    x = random_input(5)
+    h0, _ = model(x)
+    np.testing.assert_allclose(np.asarray(h0), _ls_linear_numpy(x, TINY_DMRS), rtol=1e-6, atol=1e-6)
+    # Its output layer is zero-initialised, the rest as in the default model, and a gradient step leaves LS.
+    assert not np.any(np.asarray(model.ch_tf._linear.kernel[...]))
+    target = jax.random.normal(jax.random.key(9), h0.shape)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        return jnp.mean(jnp.square(nnx.merge(graphdef, p)(x)[0] - target))
+
+    grads = jax.grad(loss)(params)
+    assert float(jnp.abs(grads["ch_tf"]["_linear"]["kernel"][...]).max()) > 0
+    tx = optax.sgd(1e-2)
+    params = optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
+    h1, _ = nnx.merge(graphdef, params)(x)
+    assert float(jnp.abs(h1 - h0).max()) > 1e-4
+    assert float(loss(params)) < float(loss(nnx.state(model, nnx.Param)))
+
+
+def test_residual_off_is_the_default_and_keeps_xavier_output():
+    model = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0))
+    assert tiny_cfg().residual == "none"
+    assert np.any(np.asarray(model.ch_tf._linear.kernel[...]))

@@ -117,3 +117,22 @@ def test_wandb_without_network_falls_back_to_offline(tiny_cfg, monkeypatch, tmp_
     assert any("no network" in l and "offline" in l and "wandb sync" in l for l in lines), lines
     assert list((result.run_dir / "wandb").glob("offline-run-*"))
     assert (result.run_dir / "final").is_dir()
+
+
+@pytest.mark.parametrize("change", ["ch_estimation.transformer.n_head=4", "ch_estimation.residual=ls_linear",
+                                    "ch_estimation.transformer.activation=gelu"])
+def test_base_restore_refuses_settings_that_change_the_function_but_not_the_shapes(tiny_cfg, change):
+    """n_head, the activation and the residual variant leave every parameter shape alone: a strict structure
+    check passes, so the stored config must refuse them, or the base would compute something else silently."""
+    result = run_training(tiny_cfg("training.num_iter=2"), kind="base", log=quiet, progress=False)
+    with pytest.raises(ckpt.CheckpointMismatchError, match=change.split("=")[0].replace(".", r"\.")):
+        loading.restore_base(result.run_dir, tiny_cfg(change), config_source="test")
+    loading.restore_base(result.run_dir, tiny_cfg("ch_estimation.transformer.dropout=0.3"), config_source="test")
+
+
+def test_residual_base_trains_saves_and_reloads_as_residual(tiny_cfg):
+    cfg = tiny_cfg("training.num_iter=4", "ch_estimation.residual=ls_linear", "training.loss=nmse_db")
+    result = run_training(cfg, kind="base", log=quiet, progress=False)
+    model, saved_cfg, _ = loading.load_model(str(result.run_dir))
+    assert saved_cfg.ch_estimation.residual == "ls_linear" and model.residual == "ls_linear"
+    assert np.any(np.asarray(model.ch_tf._linear.kernel[...]))  # the zero-initialised output layer moved

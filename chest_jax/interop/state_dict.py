@@ -108,13 +108,17 @@ def _config_hint(sd: Mapping[str, Any], cfg: ChEstimationConfig) -> str:
             "them as overrides); n_head is not stored in the weights and must be the original's.")
 
 
-def _require_relu(cfg: ChEstimationConfig, what: str) -> None:
-    # The original's layers ignored the `activation` key and always applied ReLU (SPEC 3), so the same weights
-    # compute something else under another activation.
+def _require_original_function(cfg: ChEstimationConfig, what: str) -> None:
+    """Refuse configs under which the same weights compute something the original does not."""
+    # The original's layers ignored the `activation` key and always applied ReLU (SPEC 3).
     if cfg.transformer.activation != "relu":
         raise InteropError(f"{what}: the PyTorch original always applies ReLU in its feed-forward layers, but the "
                            f"config has ch_estimation.transformer.activation={cfg.transformer.activation!r}; "
                            "set it to relu")
+    if cfg.residual != "none":
+        raise InteropError(f"{what}: ch_estimation.residual={cfg.residual!r} adds the LS + linear interpolation to "
+                           "the transformer's output, which the PyTorch original cannot represent; only models "
+                           "with residual: none move between chest-jax and the original")
 
 
 def _refuse_peft_wrapped(keys: Sequence[str], source: str) -> None:
@@ -209,7 +213,7 @@ def torch_state_dict_to_params(sd: Mapping[str, Any], cfg: ChEstimationConfig,
     every unmapped key, missing key and mis-shaped tensor. A fused `in_proj_weight` (3d, d) is split into q, k, v.
     The config's activation must be relu, the only one the original applied.
     """
-    _require_relu(cfg, f"{source} cannot be imported")
+    _require_original_function(cfg, f"{source} cannot be imported")
     sd = _normalized_keys(sd)
     _refuse_peft_wrapped(list(sd), source)
     remaining = dict(sd)
@@ -236,7 +240,7 @@ def params_to_torch_state_dict(params: Mapping, cfg: ChEstimationConfig,
     original accepts it (after `torch.from_numpy` or via safetensors). LoRA leaves are refused: merge them first
     (`chest_jax.lora.merge_lora`) or export them as an adapter with `save_peft_adapter`.
     """
-    _require_relu(cfg, "the parameters cannot be exported")
+    _require_original_function(cfg, "the parameters cannot be exported")
     flat = trees.flatten(params)
     expected = _expected_params(cfg, dmrs)
     problems = Problems()
