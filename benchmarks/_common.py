@@ -19,14 +19,7 @@ if str(REPO) not in sys.path:
 import jax  # noqa: E402
 
 from chest_jax import config as C  # noqa: E402
-from chest_jax import ofdm  # noqa: E402
 
-# The original PyTorch code on the project's 2-core CPU, full default config, batch 32 (numbers from the issue).
-PYTORCH_REFERENCE = {
-    "pytorch_train_samples_per_s": 6.9,
-    "pytorch_infer_bs1_samples_per_s": 25,
-    "pytorch_infer_bs32_samples_per_s": 32,
-}
 
 # A frame and model small enough to smoke-test every benchmark in seconds on a CPU: fft 512 (384 used
 # subcarriers, 64 pilots), one layer with d_model 16, two channel types of 40 profiles each.
@@ -120,15 +113,6 @@ def section_overrides(cfg: C.Config, sections: Sequence[str] = ("dataset", "ch_e
     data = cfg.to_dict()
     # JSON is valid YAML flow syntax, so every value parses back to what it was.
     return [f"{section}.{key}={json.dumps(value)}" for section in sections for key, value in data[section].items()]
-
-
-def reference_comparable(cfg: C.Config) -> bool:
-    """Whether `cfg` has the frame, batch size and model that the PyTorch reference numbers were measured with."""
-    reference = C.load(REPO / "configs" / "base.yaml")
-    return (ofdm.FrameSpec.from_config(cfg.dataset) == ofdm.FrameSpec.from_config(reference.dataset)
-            and cfg.dataset.batch_size == reference.dataset.batch_size
-            and cfg.ch_estimation == reference.ch_estimation
-            and cfg.training.precision == reference.training.precision)
 
 
 def error_record(exc: BaseException) -> dict[str, str]:

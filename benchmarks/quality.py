@@ -47,12 +47,13 @@ def _train(variant: str, seed: int, base: str, overrides: Sequence[str], runs_di
            log) -> tuple[Path, float | None]:
     """The run directory of (variant, seed), training it unless it already finished; and its training seconds."""
     name = f"{variant}_s{seed}"
-    cfg = C.load(base, [*VARIANTS[variant], *overrides, f"dataset.rnd_seed={seed}",
+    training_overrides = [o for o in overrides if not o.startswith("compare.")]
+    cfg = C.load(base, [*VARIANTS[variant], *training_overrides, f"dataset.rnd_seed={seed}",
                         f"training.output_dir={runs_dir}", f"training.saved_model_name={name}"])
     run_dir = runs_dir / name
     if (run_dir / "final").is_dir():
         stored = ckpt.config_from_meta(ckpt.read_meta(run_dir / "final"), run_dir / "final")
-        if stored != cfg:
+        if stored.replace(compare=cfg.compare) != cfg:
             raise SystemExit(f"{run_dir} was trained with another config than this study asks for; delete it or "
                              "choose another --runs directory")
         log(f"{name}: reusing the finished run in {run_dir}")
@@ -60,8 +61,10 @@ def _train(variant: str, seed: int, base: str, overrides: Sequence[str], runs_di
         return run_dir, summary.get("wall_s")
     log(f"{name}: training ({cfg.training.num_iter} steps)")
     start = time.perf_counter()
-    run_training(cfg, kind="base", resume=(run_dir / "checkpoints").is_dir(), log=lambda line: log("  " + line),
-                 progress=False)
+    result = run_training(cfg, kind="base", resume=(run_dir / "checkpoints").is_dir(),
+                          log=lambda line: log("  " + line), progress=False)
+    if result.interrupted:
+        raise SystemExit(f"{name} was interrupted at step {result.final_step}; run the same command again to resume")
     wall = time.perf_counter() - start
     summary_path = run_dir / "summary.json"
     summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "wall_s": wall}, indent=1))
@@ -134,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["original", "nmse_db", "residual_db"],
                         choices=sorted(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds-for", nargs="+", default=[], metavar="VARIANT=S,S",
+                        help="other seeds for one variant, e.g. residual_db=0 to screen a variant with one seed")
     parser.add_argument("--base", default="configs/quick/base.yaml", help="config every variant starts from")
     parser.add_argument("--compare-config", default="configs/quick/compare.yaml")
     parser.add_argument("--runs", default="runs/quality", help="directory of the study's run directories")
@@ -145,26 +150,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     study_start = time.perf_counter()
     runs: dict[str, list[Path]] = {}
     walls: dict[str, list] = {}
+    seeds_of = {v: list(args.seeds) for v in args.variants}
+    for item in args.seeds_for:
+        variant, _, seeds = item.partition("=")
+        if variant not in seeds_of or not seeds:
+            parser.error(f"--seeds-for {item!r}: expected VARIANT=S[,S...] with VARIANT among --variants")
+        seeds_of[variant] = [int(x) for x in seeds.split(",")]
     for variant in args.variants:
-        for seed in args.seeds:
+        for seed in seeds_of[variant]:
             run_dir, wall = _train(variant, seed, args.base, args.overrides, runs_dir, log)
             runs.setdefault(variant, []).append(run_dir)
             walls.setdefault(variant, []).append(wall)
-    # Score on the training runs' own data population (the base config's dataset section).
-    cfg = C.load(args.compare_config, [k for k in args.overrides if k.startswith("dataset.")])
+    # Score on the training runs' own data population: the overrides reach the compare config too (training.*
+    # aside), and run_compare refuses any population difference left.
+    cfg = C.load(args.compare_config, [k for k in args.overrides if not k.startswith("training.")])
     entries = []
     for variant, dirs in runs.items():
-        for seed, run_dir in zip(args.seeds, dirs):
+        for seed, run_dir in zip(seeds_of[variant], dirs):
             model, _, _ = loading.load_model(str(run_dir))
             entries.append(compare.ModelEntry(variant, loading.make_predict_fn(model), path=str(run_dir), seed=seed,
                                               trained_on=tuple(loading.training_datasets(str(run_dir)))))
     results = compare.run_compare(cfg, entries, out, log=log)
     summary = summarise(results, runs, walls)
-    summary.update(base=args.base, overrides=args.overrides, seeds=args.seeds,
+    summary.update(base=args.base, overrides=args.overrides, seeds=seeds_of,
                    study_wall_s=time.perf_counter() - study_start)
     (out / "quality.json").write_text(json.dumps(compare.json_ready(summary), indent=1, allow_nan=False))
     for ct in results["curves"]:
-        log(f"\nNMSE (dB) vs distance, {ct} (test profiles; mean ± std over seeds {args.seeds}):")
+        log(f"\nNMSE (dB) vs distance, {ct} (test profiles; mean ± std over seeds {seeds_of}):")
         log(markdown_table(summary, ct))
     log(f"\nchosen by validation (mean val NMSE over the fixed distances): {summary['chosen_by_validation']} "
         f"({ {k: round(v, 2) for k, v in summary['validation_score_db'].items()} })")

@@ -57,7 +57,7 @@ def guarded(name: str, measure: Callable[[], dict[str, Any]], log: Callable[[str
 
 
 def bench_config(config: str, run_steps: int, *, quick: bool, data_runs: dict[str, tuple[str, dict]],
-                 name: str, log: Callable[[str], None]) -> dict[str, Any]:
+                 name: str, peak: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """Every measurement of one config. `data_runs` maps a dataset section (as JSON) to the config name and
     result of the data benchmark already run for it."""
     out: dict[str, Any] = {"config": config}
@@ -67,7 +67,7 @@ def bench_config(config: str, run_steps: int, *, quick: bool, data_runs: dict[st
         log(f"{name}: cannot load {config}: {type(e).__name__}: {e}")
         return {**out, **_common.error_record(e)}
     timing = tt.Timing.for_run(None, quick)
-    out.update(batch_size=cfg.dataset.batch_size, reference_comparable=_common.reference_comparable(cfg))
+    out.update(batch_size=cfg.dataset.batch_size)
 
     dataset_key = json.dumps(cfg.to_dict()["dataset"], sort_keys=True)
     if dataset_key in data_runs:
@@ -89,9 +89,12 @@ def bench_config(config: str, run_steps: int, *, quick: bool, data_runs: dict[st
         for b in tt.INFER_BATCH_SIZES:
             out[f"infer_bs{b}"] = guarded(f"{name}: inference batch {b}", lambda b=b: tt.bench_inference(s, b, timing),
                                           log)
+        out["flops"] = guarded(f"{name}: FLOPs per sample (XLA cost analysis)", lambda: tt.flops_per_sample(s), log)
+        out["pytorch"] = guarded(f"{name}: PyTorch reference", lambda: tt.bench_pytorch(s, timing), log)
         del s  # the model and bank of this config are not needed by run_training, which builds its own
     else:
-        for key in ("train_step", "end_to_end_step", *(f"infer_bs{b}" for b in tt.INFER_BATCH_SIZES)):
+        for key in ("train_step", "end_to_end_step", *(f"infer_bs{b}" for b in tt.INFER_BATCH_SIZES), "flops",
+                    "pytorch"):
             out[key] = {"error": f"not run: the setup failed ({setup['error']})"}
     out["run_training"] = guarded(f"{name}: run_training {run_steps} steps",
                                   lambda: tt.bench_run_training(cfg, run_steps), log)
@@ -99,7 +102,8 @@ def bench_config(config: str, run_steps: int, *, quick: bool, data_runs: dict[st
 
     train, e2e = out["train_step"], out["end_to_end_step"]
     infer_ms = {b: out[f"infer_bs{b}"].get("median_ms") for b in tt.INFER_BATCH_SIZES}
-    out["speedups"] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms)
+    out["speedups"] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms, out["pytorch"])
+    out["share_of_peak"] = tt.share_of_peak(out["flops"], train.get("samples_per_s"), infer_ms, peak)
     return out
 
 
@@ -109,8 +113,9 @@ def run(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, An
         f"({machine['cpu_count']} CPUs, load {machine['load_average_1min']:.2f}){'; QUICK smoke run' if quick else ''}")
     start = time.perf_counter()
     data_runs: dict[str, tuple[str, dict]] = {}
+    peak = guarded("matmul peak of this machine", lambda: tt.matmul_peak(quick), log)
     configs = {name: bench_config(path, QUICK_RUN_STEPS if quick else steps, quick=quick, data_runs=data_runs,
-                                  name=name, log=log)
+                                  name=name, peak=peak, log=log)
                for name, path, steps in CONFIGS}
     report = {
         "quick": quick,
@@ -118,13 +123,14 @@ def run(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, An
         "machine": machine,
         "load_average_1min_end": _common.machine_info()["load_average_1min"],
         "total_s": time.perf_counter() - start,
-        "reference": dict(_common.PYTORCH_REFERENCE),
+        "matmul_peak": peak,
         "configs": configs,
         "errors": _errors(configs),
         "note": "times are medians after compile and warm-up, blocking on each result. Memory values are process "
                 "high-water marks after each measurement, in run order (preset first). Speedups divide by the "
-                "PyTorch reference (full default config on the project's 2-core CPU) and mean something only "
-                "where reference_comparable is true.",
+                "PyTorch reference (tests/torch_reference.py at each config's sizes, timed in this run on the "
+                "same batches). share_of_peak: XLA's FLOP count per sample x samples/s over the float32 matmul "
+                "rate of this machine measured in this run.",
     }
     print_table(report, log)
     return report
@@ -154,10 +160,15 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
         ("compile end-to-end step, s", ("end_to_end_step", "compile_s"), ".1f"),
         ("host peak RSS, MiB", ("memory", "host_peak_rss_mb"), ".0f"),
         ("device peak, MiB", ("memory", "device_peak_bytes"), None),
-        ("train speedup vs pytorch", ("speedups", "train_speedup_vs_pytorch"), ".1f"),
-        ("end-to-end speedup vs pytorch", ("speedups", "end_to_end_speedup_vs_pytorch"), ".1f"),
-        ("infer bs1 speedup vs pytorch", ("speedups", "infer_bs1_speedup_vs_pytorch"), ".1f"),
-        ("infer bs32 speedup vs pytorch", ("speedups", "infer_bs32_speedup_vs_pytorch"), ".1f"),
+        ("pytorch train step, samples/s", ("pytorch", "train", "samples_per_s"), ".1f"),
+        ("pytorch inference bs1, ms", ("pytorch", "infer_bs1", "median_ms"), ".2f"),
+        ("pytorch inference bs32, ms", ("pytorch", "infer_bs32", "median_ms"), ".2f"),
+        ("train speedup vs pytorch", ("speedups", "train_speedup_vs_pytorch"), ".2f"),
+        ("end-to-end speedup vs pytorch", ("speedups", "end_to_end_speedup_vs_pytorch"), ".2f"),
+        ("infer bs1 speedup vs pytorch", ("speedups", "infer_bs1_speedup_vs_pytorch"), ".2f"),
+        ("infer bs32 speedup vs pytorch", ("speedups", "infer_bs32_speedup_vs_pytorch"), ".2f"),
+        ("train step, share of f32 peak", ("share_of_peak", "train"), ".2f"),
+        ("inference bs32, share of peak", ("share_of_peak", "infer_bs32"), ".2f"),
     ]
     log("")
     log(f"{'':<32}" + "".join(f"{n:>12}" for n in names))
@@ -169,9 +180,10 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
                 value = value / 2 ** 20
             cells.append(f(value, spec or ".0f"))
         log(f"{label:<32}" + "".join(f"{c:>12}" for c in cells))
-    for n in names:
-        if not report["configs"][n].get("reference_comparable", False):
-            log(f"note: {n} differs from the PyTorch reference's config; its speedups compare different work")
+    peak = report.get("matmul_peak") or {}
+    if peak.get("float32_gflops"):
+        log(f"matmul peak: float32 {peak['float32_gflops']:.0f} GFLOP/s, bfloat16 "
+            f"{f(peak.get('bfloat16_gflops'), '.0f')} GFLOP/s ({peak.get('n')}x{peak.get('n')} under jit)")
     for where, message in report["errors"].items():
         log(f"FAILED {where}: {message}")
     log(f"total {report['total_s']:.0f} s")

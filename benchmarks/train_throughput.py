@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402  (puts the repository on sys.path)
+import pytorch_reference  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -187,6 +188,70 @@ def bench_inference(s: Setup, batch_size: int, timing: Timing) -> dict[str, floa
     return result
 
 
+def bench_pytorch(s: Setup, timing: Timing) -> dict[str, Any]:
+    """The PyTorch reference (benchmarks/pytorch_reference.py) at this config's sizes, on batches drawn like the
+    ones chest-jax is timed on; {"error": ...} without torch."""
+    batch = ofdm.make_batch_fn(s.spec, s.batch_size, full=False)(jax.random.key(1), s.bank, s.distance_range)
+    full = {b: np.asarray(ofdm.make_batch_fn(s.spec, b, full=True)(jax.random.key(5), s.bank, s.distance_range).inputs)
+            for b in INFER_BATCH_SIZES}
+    h_BxKx2 = np.stack([np.real(batch.h), np.imag(batch.h)], axis=-1) if np.iscomplexobj(batch.h) else batch.h
+    return pytorch_reference.measure(s.cfg, np.asarray(batch.inputs), np.asarray(h_BxKx2), full,
+                                     min_calls=max(3, timing.min_calls // 2), min_seconds=timing.min_seconds)
+
+
+def matmul_peak(quick: bool = False) -> dict[str, Any]:
+    """GFLOP/s of an n x n matmul under jit in float32 and bfloat16: the arithmetic ceiling the model's rates are
+    set against (XLA:CPU may not compute faster in bfloat16; this shows whether it does here)."""
+    n = 512 if quick else 4096
+    out: dict[str, Any] = {"n": n}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        matmul = jax.jit(lambda x, y: x @ y)
+        jax.block_until_ready(matmul(a, a))
+        seconds = _common.time_calls(lambda: matmul(a, a), 3 if quick else 5)
+        out[f"{jnp.dtype(dtype).name}_gflops"] = 2 * n ** 3 / float(np.median(seconds)) / 1e9
+    return out
+
+
+def _compiled_flops(fn: Callable, *args: Any) -> float | None:
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    analysis = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def flops_per_sample(s: Setup) -> dict[str, Any]:
+    """XLA's own FLOP count (compiled cost analysis) of the model-only train step and of the batch-32 forward,
+    per sample; what samples/s is turned into FLOP/s with."""
+    batch = ofdm.make_batch_fn(s.spec, s.batch_size, full=False)(jax.random.key(1), s.bank, s.distance_range)
+    step_fn = make_model_only_step(s.graphdef, s.tx, s.cfg.training.ch_loss_weight)
+    trainable = s.fresh_trainable()
+    train = _compiled_flops(step_fn, trainable, s.tx.init(trainable), s.frozen, batch.inputs, batch.h,
+                            jax.random.key(2), jnp.int32(0))
+    inputs = ofdm.make_batch_fn(s.spec, 32, full=True)(jax.random.key(5), s.bank, s.distance_range).inputs
+    graphdef, state = nnx.split(s.model)
+    infer = _compiled_flops(lambda st, x: nnx.merge(graphdef, st)(x)[0], state, inputs)
+    return {"train_per_sample": None if train is None else train / s.batch_size,
+            "infer_per_sample": None if infer is None else infer / 32}
+
+
+def share_of_peak(flops: dict[str, Any], train_samples_per_s: float | None, infer_ms: dict[int, float | None],
+                  peak: dict[str, Any]) -> dict[str, float | None]:
+    """Achieved FLOP/s of the train step and the batch-32 forward as a fraction of the float32 matmul peak."""
+    ceiling = (peak or {}).get("float32_gflops")
+
+    def share(flops_per_sample: float | None, samples_per_s: float | None) -> float | None:
+        if not ceiling or flops_per_sample is None or samples_per_s is None:
+            return None
+        return flops_per_sample * samples_per_s / (ceiling * 1e9)
+
+    bs32 = infer_ms.get(32)
+    return {"train": share((flops or {}).get("train_per_sample"), train_samples_per_s),
+            "infer_bs32": share((flops or {}).get("infer_per_sample"), None if bs32 is None else 32e3 / bs32)}
+
+
 def bench_run_training(cfg: C.Config, steps: int) -> dict[str, Any]:
     """`run_training` (base) for `steps` steps in a temporary run directory, one validation and checkpoint at
     the end. samples_per_s_steady: the median throughput of the intervals between log points after the first
@@ -230,16 +295,21 @@ def bench_run_training(cfg: C.Config, steps: int) -> dict[str, Any]:
 
 
 def speedups(train_samples_per_s: float | None, end_to_end_samples_per_s: float | None,
-             infer_ms: dict[int, float | None]) -> dict[str, float | None]:
-    """Ratios of our samples/s to the PyTorch reference's (same CPU, full default config)."""
-    ref = _common.PYTORCH_REFERENCE
-    ratio = lambda ours, theirs: None if ours is None else ours / theirs  # noqa: E731
+             infer_ms: dict[int, float | None], reference: dict[str, Any]) -> dict[str, float | None]:
+    """Ratios of our samples/s to the same-run PyTorch reference's (`bench_pytorch`); null where either is
+    missing."""
+    def theirs(key: str) -> float | None:
+        return (reference.get(key) or {}).get("samples_per_s")
+
+    def ratio(ours: float | None, other: float | None) -> float | None:
+        return None if ours is None or not other else ours / other
+
     rate = lambda ms, batch: None if ms is None else batch * 1e3 / ms  # noqa: E731
     return {
-        "train_speedup_vs_pytorch": ratio(train_samples_per_s, ref["pytorch_train_samples_per_s"]),
-        "end_to_end_speedup_vs_pytorch": ratio(end_to_end_samples_per_s, ref["pytorch_train_samples_per_s"]),
-        "infer_bs1_speedup_vs_pytorch": ratio(rate(infer_ms.get(1), 1), ref["pytorch_infer_bs1_samples_per_s"]),
-        "infer_bs32_speedup_vs_pytorch": ratio(rate(infer_ms.get(32), 32), ref["pytorch_infer_bs32_samples_per_s"]),
+        "train_speedup_vs_pytorch": ratio(train_samples_per_s, theirs("train")),
+        "end_to_end_speedup_vs_pytorch": ratio(end_to_end_samples_per_s, theirs("train")),
+        "infer_bs1_speedup_vs_pytorch": ratio(rate(infer_ms.get(1), 1), theirs("infer_bs1")),
+        "infer_bs32_speedup_vs_pytorch": ratio(rate(infer_ms.get(32), 32), theirs("infer_bs32")),
     }
 
 
@@ -251,7 +321,8 @@ def load_config(config: str | Path, overrides: Sequence[str], quick: bool) -> C.
 
 
 def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, steps: int | None = None,
-        run_steps: int = 20, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+        run_steps: int = 20, quick: bool = False, pytorch: bool = True,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every measurement of the module docstring for one config; returns the flat report (see main)."""
     cfg = load_config(config, overrides, quick)
     timing = Timing.for_run(steps, quick)
@@ -264,6 +335,11 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
     end_to_end = bench_end_to_end_step(s, timing)
     infer = {b: bench_inference(s, b, timing) for b in INFER_BATCH_SIZES}
     training_run = bench_run_training(cfg, run_steps) if run_steps else None
+    reference = bench_pytorch(s, timing) if pytorch else {"error": "not measured (--no-pytorch)"}
+    try:
+        flops = flops_per_sample(s)
+    except Exception as e:  # noqa: BLE001 - a backend without cost analysis loses only this figure
+        flops = _common.error_record(e)
 
     report: dict[str, Any] = {
         "train_samples_per_s": train["samples_per_s"],
@@ -272,15 +348,16 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
         "infer_bs1_ms": infer[1]["median_ms"],
         "infer_bs32_ms": infer[32]["median_ms"],
         "data_ms_per_batch": data["median_ms"],
+        "flops": flops,
         # Generating the step's batch on its own, as a fraction of the whole end-to-end step.
         "data_share_of_step": data["median_ms"] / end_to_end["median_ms"],
         "compile_s": end_to_end["compile_s"],
         "compile_s_by_function": {"data": data["compile_s"], "train_step": train["compile_s"],
                                   "end_to_end_step": end_to_end["compile_s"],
                                   **{f"infer_bs{b}": r["compile_s"] for b, r in infer.items()}},
-        "reference": dict(_common.PYTORCH_REFERENCE),
-        **speedups(train["samples_per_s"], end_to_end["samples_per_s"], {b: r["median_ms"] for b, r in infer.items()}),
-        "reference_comparable": _common.reference_comparable(cfg),
+        "reference": reference,
+        **speedups(train["samples_per_s"], end_to_end["samples_per_s"], {b: r["median_ms"] for b, r in infer.items()},
+                   reference),
         "config": str(config),
         "overrides": list(overrides),
         "quick": quick,
@@ -292,8 +369,8 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
         "machine": _common.machine_info(),
         "note": "times are medians over calls after compile and warm-up, blocking on each result; samples/s = "
                 "batch / median time. train = model-only step on a fixed batch; end_to_end = make_train_step "
-                "(batch generated inside). Speedups divide by the PyTorch reference (full default config on "
-                "the project's 2-core CPU) and mean something only when reference_comparable is true.",
+                "(batch generated inside). Speedups divide by the PyTorch reference (tests/torch_reference.py at "
+                "this config's sizes) timed in the same run on the same batches.",
     }
     report["jax_version"] = report["machine"]["jax_version"]
     report["device_kind"] = report["machine"]["device_kind"]
@@ -302,31 +379,34 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
     return report
 
 
+def _reference_rate(reference: dict[str, Any], key: str) -> float | None:
+    return (reference.get(key) or {}).get("samples_per_s")
+
+
 def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> None:
     f = _common.fmt
     ref = report["reference"]
     details = report["details"]
     rows = [
         ("train step (model only)", report["train_samples_per_s"], details["train_step"]["median_ms"],
-         ref["pytorch_train_samples_per_s"], report["train_speedup_vs_pytorch"]),
+         _reference_rate(ref, "train"), report["train_speedup_vs_pytorch"]),
         ("end-to-end step", report["end_to_end_samples_per_s"], details["end_to_end_step"]["median_ms"],
-         ref["pytorch_train_samples_per_s"], report["end_to_end_speedup_vs_pytorch"]),
+         _reference_rate(ref, "train"), report["end_to_end_speedup_vs_pytorch"]),
         ("run_training (steady)", report["run_training_samples_per_s"], None, None, None),
         ("inference bs1", 1e3 / report["infer_bs1_ms"], report["infer_bs1_ms"],
-         ref["pytorch_infer_bs1_samples_per_s"], report["infer_bs1_speedup_vs_pytorch"]),
+         _reference_rate(ref, "infer_bs1"), report["infer_bs1_speedup_vs_pytorch"]),
         ("inference bs32", 32e3 / report["infer_bs32_ms"], report["infer_bs32_ms"],
-         ref["pytorch_infer_bs32_samples_per_s"], report["infer_bs32_speedup_vs_pytorch"]),
+         _reference_rate(ref, "infer_bs32"), report["infer_bs32_speedup_vs_pytorch"]),
     ]
     log("")
-    log(f"{'measurement':<26}{'samples/s':>11}{'ms/call':>10}{'pytorch':>9}{'speedup':>9}")
+    log(f"{'measurement':<26}{'samples/s':>11}{'ms/call':>10}{'pytorch/s':>10}{'speedup':>9}")
     for name, rate, ms, theirs, speedup in rows:
-        log(f"{name:<26}{f(rate, '.1f'):>11}{f(ms, '.2f'):>10}{f(theirs, 'g'):>9}"
-            f"{f(speedup, '.1f') + ('x' if speedup is not None else ''):>9}")
+        log(f"{name:<26}{f(rate, '.1f'):>11}{f(ms, '.2f'):>10}{f(theirs, '.1f'):>10}"
+            f"{f(speedup, '.2f') + ('x' if speedup is not None else ''):>9}")
     log(f"data generation {report['data_ms_per_batch']:.2f} ms per batch of {report['batch_size']} = "
         f"{100 * report['data_share_of_step']:.0f}% of an end-to-end step; compile {report['compile_s']:.1f} s")
-    if not report["reference_comparable"]:
-        log("note: this config's frame, batch or model differs from the PyTorch reference's (configs/base.yaml); "
-            "the speedups compare different work")
+    if "error" in ref:
+        log(f"pytorch reference: {ref['error']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="steps of the run_training measurement; 0 skips it (default 20; 4 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny frame and model (smoke test in seconds; the numbers mean nothing)")
+    parser.add_argument("--no-pytorch", action="store_true", help="skip the same-run PyTorch reference")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args(argv)
     if args.quick:
@@ -350,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run_steps == 1 or run_steps < 0:
         parser.error(f"--run-steps {run_steps}: give 0 (skip) or at least 2 steps")
     try:
-        report = run(args.config, args.overrides, steps=args.steps, run_steps=run_steps, quick=args.quick)
+        report = run(args.config, args.overrides, steps=args.steps, run_steps=run_steps, quick=args.quick,
+                     pytorch=not args.no_pytorch)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -173,7 +173,9 @@ class TrainingConfig:
     model_save_step: int = 100_000
     saved_model_name: str = "estimator_v4_base"
     output_dir: str = "runs"  # the run directory is output_dir/saved_model_name
-    pretrained_model_name: Optional[str] = None  # base run directory or checkpoint (train_lora.py)
+    # The base run directory or checkpoint to start from: train_lora.py adapts it; train_base.py fine-tunes all of
+    # its parameters (the full fine-tuning control of a transfer study).
+    pretrained_model_name: Optional[str] = None
     model_load_mode: Literal["pretrained", "finetune"] = "pretrained"
     use_wandb: bool = False
     wandb_proj: str = "chest-jax"

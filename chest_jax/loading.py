@@ -153,12 +153,20 @@ def build_training_model(cfg: config_lib.Config, kind: str, keys: dict[str, jax.
                          log: Callable[[str], None]) -> tuple[nnx.Module, Origin]:
     """The model a training run starts from, and what identifies that start.
 
-    kind "base": a fresh model from keys["init"]. kind "lora": the base at training.pretrained_model_name restored
-    strictly, with new adapters from keys["lora"] (model_load_mode pretrained), or the base and adapter recorded by
-    the LoRA run named there (model_load_mode finetune)."""
-    if kind == "base":
-        return new_model(cfg, keys["init"]), Origin()
+    kind "base": a fresh model from keys["init"], or, with training.pretrained_model_name set, that base restored
+    strictly for full fine-tuning (every parameter trains; the result is a plain model recording where it
+    started). kind "lora": the base at training.pretrained_model_name restored strictly, with new adapters from
+    keys["lora"] (model_load_mode pretrained), or the base and adapter recorded by the LoRA run named there
+    (model_load_mode finetune)."""
     t = cfg.training
+    if kind == "base":
+        if not t.pretrained_model_name:
+            return new_model(cfg, keys["init"]), Origin()
+        model, meta, path = restore_base(t.pretrained_model_name, cfg, config_source="train_base.py",
+                                         output_dir=t.output_dir)
+        log(f"full fine-tuning from {path} (step {meta.get('step')}, strict: every leaf matched); every parameter "
+            "trains")
+        return model, Origin(str(path.absolute()), params_fingerprint(model_params(model)), (path,))
     if not t.pretrained_model_name:
         raise config_lib.ConfigError("training.pretrained_model_name: train_lora.py needs the base run directory "
                                      "or checkpoint to start from (e.g. training.pretrained_model_name=runs/base)")

@@ -3,7 +3,6 @@ import csv
 import dataclasses
 import io
 import os
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -106,12 +105,23 @@ def test_scenario_params_frequency_handling_and_errors():
 
 
 @pytest.mark.parametrize("channel_type", CHANNEL_TYPES)
-def test_median_rms_delay_spread_matches_the_table(channel_type):
-    # The default generated pool (pdp_seed 0, 1000 profiles). The LoS rows land 7-22% below 10^mu because the
-    # 25 dB removal on the LoS-inclusive powers cuts weak late clusters (see the next test for the mechanism).
-    profiles = tr38901.generate_profiles(channel_type, 1000, 0)
-    target_ns = tr38901.scenario_params(channel_type).median_ds_ns
-    assert _median_rms_ds_ns(profiles) == pytest.approx(target_ns, rel=0.25)
+def test_median_drawn_delay_spread_matches_the_table(channel_type):
+    # The default generated pool (pdp_seed 0, 1000 profiles). Its drawn lgDS ~ N(mu, sigma) of Table 7.5-6, so
+    # the sample median of N draws has standard error sqrt(pi / 2) sigma / sqrt(N); 5 of them bound it (a false
+    # failure once in ~2 million). In ns: the median DS is within a factor 10^(5 SE) of the table's 10^mu.
+    # The realised rms DS of the tap lists is not compared with the table: the 25 dB cluster removal lowers it by
+    # a scenario-dependent factor that is no table value (tr38901 module docstring, point 4); the next test
+    # checks that without removal the realised DS tracks the drawn one.
+    num_profiles = 1000
+    drops = tr38901.generate_drops(channel_type, num_profiles, 0)
+    params = drops.params
+    standard_error = np.sqrt(np.pi / 2) * params.sigma_lg_ds / np.sqrt(num_profiles)
+    assert np.median(drops.lg_ds) == pytest.approx(params.mu_lg_ds, abs=5 * standard_error)
+    median_ds_ns = 10.0 ** (np.median(drops.lg_ds) + 9.0)
+    assert median_ds_ns == pytest.approx(params.median_ds_ns, rel=10.0 ** (5 * standard_error) - 1)
+    # the pool the datasets use is these drops' profiles
+    profiles = tr38901.generate_profiles(channel_type, num_profiles, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(profiles, drops.profiles))
 
 
 @pytest.mark.parametrize("channel_type", CHANNEL_TYPES)
@@ -220,10 +230,11 @@ def test_generation_is_deterministic_and_prefix_stable():
     assert not any(x.shape == y.shape and np.allclose(x, y) for x, y in zip(a, other_type))
 
 
-def test_generation_is_fast():
-    start = time.perf_counter()
+def test_generation_of_a_full_default_pool():
+    # (no wall-clock bound here: a timing assertion in a unit test fails on a loaded machine, not on a bug)
     profiles = tr38901.generate_profiles("InF_Nlos", 1000, 0)
-    assert len(profiles) == 1000 and time.perf_counter() - start < 1.0
+    assert len(profiles) == 1000
+    assert all(p.shape[1] == 2 and p.sum(axis=0)[1] == pytest.approx(1.0, abs=1e-12) for p in profiles)
 
 
 def test_rms_delay_spread_of_simple_profiles():

@@ -257,3 +257,167 @@ def test_plot_channel_estimates_writes_a_png(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     with pytest.raises(ValueError, match="must both be"):
         plots.plot_channel_estimates(h, h[:, :10], tmp_path / "bad.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# The LMMSE baselines against a direct K x K solve of their documented formula
+
+
+def _rel_err(a, b):
+    return float(np.max(np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+def test_lmmse_practical_equals_the_direct_solve_of_its_formula():
+    cfg = small_cfg()
+    # 300 m: ~18 dB SNR per RE in this frame, so the noise term sigma^2 / rho shapes the estimate
+    spec, batch = generate(cfg, 6, 300.0, full=False)
+    _, train = generate(cfg, 32, 100.0, full=False, seed=1, part="train")
+    R = baselines.estimate_correlation(train.h)
+    got = baselines.lmmse_practical(batch.inputs, batch.noise_var, R, spec)
+
+    pilots = spec.dmrs_index
+    y = metrics.to_complex(np.asarray(batch.inputs)[:, 0, pilots])
+    sigma2 = np.asarray(batch.noise_var, np.float64)
+    # rho: the channel power measured at the pilots, mean |y_P|^2 - sigma^2 (the docstring's floor is far)
+    received = np.mean(np.abs(y) ** 2, axis=1)
+    rho = received - sigma2
+    assert np.all(rho > 1e-3 * received)
+    R = np.asarray(R, np.complex128)
+
+    def direct(noise_scale):
+        out = []
+        for b in range(len(y)):
+            A = R[np.ix_(pilots, pilots)] + noise_scale * sigma2[b] / rho[b] * np.eye(len(pilots))
+            out.append(R[:, pilots] @ np.linalg.solve(A, y[b]))
+        return np.array(out)
+
+    assert _rel_err(got, direct(1.0)) < 1e-6
+    # the comparison sees the noise term: doubling it moves the direct solve far beyond that tolerance
+    assert _rel_err(got, direct(2.0)) > 1e-3
+
+
+def test_lmmse_genie_equals_the_direct_solve_of_its_formula():
+    cfg = small_cfg()
+    spec, batch = generate(cfg, 4, 300.0, full=False)
+    got = baselines.lmmse_genie(batch, spec)
+
+    pilots = spec.dmrs_index
+    y = metrics.to_complex(np.asarray(batch.inputs)[:, 0, pilots])
+    sigma2 = np.asarray(batch.noise_var, np.float64)
+    pl = np.asarray(ofdm.path_loss_amplitude(np.asarray(batch.distance, np.float32), spec), np.float64)
+    u = baselines.tap_responses(batch.tap_delays_ns, spec)  # (B, L, K) unit-energy tap responses
+    p = np.asarray(batch.tap_powers, np.float64)
+
+    def direct(noise_scale):
+        out = []
+        for b in range(len(y)):
+            # R = pl^2 sum_l p_l u_l u_l^H, K x K
+            R = pl[b] ** 2 * np.einsum("l,lk,lj->kj", p[b], u[b], np.conj(u[b]))
+            A = R[np.ix_(pilots, pilots)] + noise_scale * sigma2[b] * np.eye(len(pilots))
+            out.append(R[:, pilots] @ np.linalg.solve(A, y[b]))
+        return np.array(out)
+
+    assert np.all(sigma2 > 0)
+    assert _rel_err(got, direct(1.0)) < 1e-6
+    assert _rel_err(got, direct(2.0)) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# DFT-LS: exact on the pilot-domain delay grid within the CP
+
+
+def test_dft_ls_is_exact_for_on_grid_taps_within_the_cp_and_drops_later_ones():
+    spec = ofdm.FrameSpec.from_config(small_cfg().dataset)
+    start, _, step = spec.dmrs
+    N, P, K = spec.fft_size, spec.num_pilots, spec.num_used
+    grid = N / (step * P)  # samples per pilot-domain delay bin: 256 / 192
+    cp = spec.cp_ns * spec.samples_per_ns  # 590 ns at 30.72 MHz: 18.1 samples
+    # bin 13 is the last whose delay lies within the CP, bin 14 the first beyond it
+    assert 13 * grid <= cp < 14 * grid
+    k = np.arange(K)
+
+    def response(taps):  # H(k) = sum_l a_l exp(-2j pi k tau_l / N), tau_l = n_l * grid samples
+        return sum(a * np.exp(-2j * np.pi * k * n * grid / N) for n, a in taps)
+
+    def dft_ls_of(taps_per_sample):
+        h = np.array([response(t) for t in taps_per_sample])
+        inputs = np.zeros((len(h), 1, K, 2))  # noiseless LS pilots on symbol 0, float64
+        inputs[:, 0, spec.dmrs_index, 0] = h[:, spec.dmrs_index].real  # (to_real_pair would round to float32)
+        inputs[:, 0, spec.dmrs_index, 1] = h[:, spec.dmrs_index].imag
+        return h, baselines.dft_ls(inputs, spec)
+
+    inside = [[(0, 1.0), (2, 0.5 - 0.3j), (5, -0.2j), (13, 0.1 + 0.1j)], [(1, 0.7j), (9, 0.4)]]
+    h, est = dft_ls_of(inside)
+    np.testing.assert_allclose(est, h, rtol=0, atol=1e-9)
+    # a tap beyond the CP (bin 14) or far beyond it (bin 20) is dropped: the estimate is the in-CP taps alone,
+    # off the true channel by exactly the dropped tap's magnitude on every subcarrier
+    for late in (14, 20):
+        h, est = dft_ls_of([[(0, 1.0), (late, 0.5)]])
+        np.testing.assert_allclose(est[0], response([(0, 1.0)]), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(np.abs(est[0] - h[0]), 0.5, rtol=1e-9)
+    assert start == 0  # the pilots start at subcarrier 0, so H(k) above needs no start offset
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits: test sets, validation and training draw from their own profiles
+
+
+def test_test_sets_validation_and_training_draw_from_their_own_split(monkeypatch, tiny_cfg):
+    from chest_jax import train, validation
+
+    requested = []
+    real_load_split = channels.load_split
+
+    def recording_load_split(dataset, part):
+        requested.append(part)
+        return real_load_split(dataset, part)
+
+    monkeypatch.setattr(channels, "load_split", recording_load_split)
+
+    cfg = small_cfg()
+    test_set = testsets.make_test_set(cfg, C.TestSetConfig("InF_Los", 50.0, 4), seed=0, full=False)
+    assert requested == ["test"]
+
+    requested.clear()
+    spec = ofdm.FrameSpec.from_config(cfg.dataset)
+    validation.Validation(cfg.replace(training=dataclasses.replace(cfg.training, validation_size=2,
+                                                                   validation_distances=())),
+                          spec, jax.random.key(0), eval_fn=None)
+    assert requested == ["val"]
+
+    requested.clear()
+    baselines.training_correlation(cfg, "InF_Los", num_samples=2, seed=0)
+    assert requested == ["train"]
+
+    # run_training: its data bank from "train", its validation set from "val"; stopped at the first step (the
+    # bank is an argument of the step), so nothing is compiled or trained
+    class Stop(Exception):
+        pass
+
+    def no_step(*_args, **_kwargs):
+        def first_step(*_a):
+            raise Stop
+        return first_step
+
+    monkeypatch.setattr(train, "make_train_step", no_step)
+    requested.clear()
+    with pytest.raises(Stop):
+        train.run_training(tiny_cfg("training.validation_distances=[]"), kind="base", log=lambda *_: None,
+                           progress=False)
+    assert requested == ["train", "val"]
+
+    # independent of the recording: every test-set sample's tap delays are those of a TEST profile (shifted by
+    # its random extra delay), and of no training or validation profile
+    full = channels.load_pdp_set("InF_Los", cfg.dataset)
+    parts = channels.split_indices(len(full), cfg.dataset.split, cfg.dataset.split_seed)
+
+    def matches(sample_delays, index):
+        n = full.num_taps[index]
+        relative = sample_delays - sample_delays[0]
+        profile = full.delays_ns[index, :n] - full.delays_ns[index, 0]
+        return len(relative) >= n and np.allclose(relative[:n], profile, rtol=0, atol=1e-3) and \
+            np.all(relative[n:] == -full.delays_ns[index, 0])
+
+    for delays in np.asarray(test_set.arrays["tap_delays_ns"], np.float64):
+        assert sum(matches(delays, i) for i in parts["test"]) == 1
+        assert not any(matches(delays, i) for i in (*parts["train"], *parts["val"]))

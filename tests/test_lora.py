@@ -1,5 +1,6 @@
 """LoRA: injection by target name, exact start from the base, frozen base under training, merge, fingerprints."""
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,14 @@ import optax
 import pytest
 from flax import nnx
 
+from chest_jax import checkpoint as ckpt
 from chest_jax import config
+from chest_jax import loading
 from chest_jax.lora import LoRALinear, apply_lora, dropout_keys, merge_lora, params_fingerprint
 from chest_jax.model import Estimator_v4, Linear, param_count
+from chest_jax.train import run_training
+from chest_jax.trees import path_str
+from conftest import quiet, tiny_overrides
 
 TINY_DMRS = (0, 384, 6)
 PEFT_R8 = config.PeftConfig(r=8, lora_alpha=16.0, lora_dropout=0.1)
@@ -192,7 +198,8 @@ def test_fingerprint_stable_and_sensitive(base_and_lora):
     params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
     fingerprint = params_fingerprint(params)
     assert fingerprint == params_fingerprint(params) == params_fingerprint(nnx.state(base, nnx.Param))
-    assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
+    # a SHA-256 hex digest: 64 lowercase hex digits
+    assert re.fullmatch(r"[0-9a-f]{64}", fingerprint)
     reordered = {"ch_tf": dict(reversed(list(params["ch_tf"].items())))}
     assert params_fingerprint(reordered) == fingerprint
     changed = jax.tree.map(lambda a: a, params)
@@ -201,3 +208,138 @@ def test_fingerprint_stable_and_sensitive(base_and_lora):
     as_bf16 = jax.tree.map(lambda a: a, params)
     as_bf16["ch_tf"]["_embedding"] = params["ch_tf"]["_embedding"].astype(jnp.bfloat16)
     assert params_fingerprint(as_bf16) != fingerprint
+    # the shape is hashed too: the same bytes as a flat vector
+    embedding = params["ch_tf"]["_embedding"]
+    reshaped = jax.tree.map(lambda a: a, params)
+    reshaped["ch_tf"]["_embedding"] = embedding.reshape(-1)
+    assert np.asarray(reshaped["ch_tf"]["_embedding"]).tobytes() == np.asarray(embedding).tobytes()
+    assert params_fingerprint(reshaped) != fingerprint
+    # and the path: the same arrays under other names
+    renamed = {"ch_tf": {("renamed" if k == "_embedding" else k): v for k, v in params["ch_tf"].items()}}
+    assert params_fingerprint(renamed) != fingerprint
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA dropout: rate, scaling and placement
+
+
+def _identity_adapter(width, rate, base_kernel):
+    """A LoRALinear (width -> width, r = width) with lora_A = lora_B = I, scaling 1 and the given base kernel."""
+    layer = LoRALinear(width, width, r=width, lora_alpha=float(width), lora_dropout=rate, rngs=nnx.Rngs(0))
+    layer.lora_A[...] = jnp.eye(width)
+    layer.lora_B[...] = jnp.eye(width)
+    layer.kernel[...] = base_kernel
+    layer.bias[...] = jnp.zeros(width)
+    return layer
+
+
+def test_lora_dropout_rate_and_inverted_scaling_on_the_adapter_input():
+    rate, width, rows = 0.3, 64, 400
+    layer = _identity_adapter(width, rate, jnp.zeros((width, width)))
+    assert layer.scaling == 1.0
+    x = jnp.ones((rows, width))
+    with dropout_keys(nnx.List([layer]), jax.random.key(7)):
+        y = np.asarray(layer(x))
+    # base path zero, adapter identity: y is dropout(x) itself, each entry 0 or 1 / (1 - rate)
+    n = y.size
+    zero = y == 0.0
+    # each of the n entries is dropped independently with probability rate: 5 binomial standard deviations
+    assert abs(zero.mean() - rate) <= 5 * np.sqrt(rate * (1 - rate) / n)
+    np.testing.assert_allclose(y[~zero], np.float32(1.0) / np.float32(1.0 - rate), rtol=1e-6)
+    # an element-wise mask, not a whole-row one: a fully dropped row has probability 0.3^64
+    assert not np.any(zero.all(axis=1))
+
+
+def test_lora_dropout_never_touches_the_base_path():
+    rate, width = 0.5, 32
+    kernel = jax.random.normal(jax.random.key(3), (width, width))
+    x = jax.random.normal(jax.random.key(4), (200, width))
+    base = np.asarray(x @ kernel)
+    key = jax.random.key(9)
+
+    def call(layer):
+        # each layer alone in its holder gets the same key, fold_in(key, 0), hence the same mask
+        with dropout_keys(nnx.List([layer]), key):
+            return np.asarray(layer(x))
+
+    # lora_B zero: the adapter adds nothing, so dropout (on its input only) must change nothing
+    silent = _identity_adapter(width, rate, kernel)
+    silent.lora_B[...] = jnp.zeros((width, width))
+    np.testing.assert_allclose(call(silent), base, rtol=1e-6, atol=1e-6)
+    # the mask, read off an adapter-only layer (zero kernel): y = dropout(x)
+    dropped = call(_identity_adapter(width, rate, jnp.zeros((width, width)))) == 0.0
+    assert abs(dropped.mean() - rate) <= 5 * np.sqrt(rate * (1 - rate) / dropped.size)
+    # both paths live: where the adapter's input is dropped the base output x W is still all there, elsewhere
+    # x / (1 - rate) is added to it; nothing is dropped after the sum
+    y = call(_identity_adapter(width, rate, kernel))
+    np.testing.assert_allclose(y[dropped], base[dropped], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[~dropped], base[~dropped] + np.asarray(x)[~dropped] / (1 - rate),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA runs: the optimizer state, and LoRA dropout inside run_training
+
+# Transformer dropout off, so LoRA dropout is the only randomness of the step besides the data; constant lr so
+# both steps update.
+_RUN = ["ch_estimation.transformer.dropout=0.0", "training.num_iter=2", "training.use_scheduler=false",
+        "training.evaluation_step=2", "training.model_save_step=2", "training.logging_step=2",
+        "training.validation_size=4", "training.validation_distances=[]", "dataset.channel_type=[InF_Los]"]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """Three 2-step LoRA runs on one (untrained, saved) base: lora_dropout 0.5 twice and 0.0 once, one seed."""
+    tmp = tmp_path_factory.mktemp("lora_runs")
+    base_cfg = config.load(None, tiny_overrides(tmp, *_RUN))
+    params = loading.model_params(loading.new_model(base_cfg, jax.random.key(0)))
+    base = ckpt.save_model(tmp / "base", params, base_cfg, kind="base", step=0,
+                           fingerprint=params_fingerprint(params))
+
+    def run(name, rate):
+        cfg = config.load(None, tiny_overrides(
+            tmp, *_RUN, f"ch_estimation.peft={{r: 2, lora_alpha: 4, lora_dropout: {rate}}}",
+            f"training.pretrained_model_name={base}", f"training.saved_model_name={name}"))
+        return run_training(cfg, kind="lora", log=quiet, progress=False)
+
+    return {"dropout": run("dropout", 0.5), "again": run("again", 0.5), "no_dropout": run("no_dropout", 0.0)}
+
+
+def _adapter(result):
+    return {path_str(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(ckpt.load_adapter(result.adapter_path)[0])[0]}
+
+
+def _stored_leaves(path, item):
+    tree = ckpt.stored_tree(path, item)
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return {path_str(p): tuple(leaf.shape) for p, leaf in leaves[0]}
+
+
+def test_lora_optimizer_state_holds_only_lora_leaves(lora_runs):
+    checkpoint = lora_runs["dropout"].run_dir / "checkpoints" / "2"
+    params = _stored_leaves(checkpoint, "params")
+    lora = {p: shape for p, shape in params.items() if p.rsplit("/", 1)[-1] in ("lora_A", "lora_B")}
+    assert len(lora) == 2 * 7 and len(params) > len(lora)  # 7 adapted layers; the base leaves are saved too
+    opt = _stored_leaves(checkpoint, "opt_state")
+    moments = {"mu": {}, "nu": {}}
+    for path, shape in opt.items():
+        parts = path.split("/")
+        if parts[-1] == "count":  # optax's step counters, scalars
+            assert shape == ()
+            continue
+        at = [i for i, part in enumerate(parts) if part in moments]  # Adam's first and second moments
+        assert at, f"optimizer leaf {path} is neither a step counter nor an Adam moment"
+        moments[parts[at[0]]]["/".join(parts[at[0] + 1:])] = shape
+    # each moment is exactly the LoRA leaves, at their paths and shapes: no kernel, bias or embedding
+    assert moments["mu"] == lora and moments["nu"] == lora
+
+
+def test_lora_dropout_in_a_run_changes_the_adapter_and_is_deterministic(lora_runs):
+    dropped, again, plain = (_adapter(lora_runs[k]) for k in ("dropout", "again", "no_dropout"))
+    assert dropped.keys() == plain.keys() == again.keys()
+    # same config twice: bit-identical adapters (the masks come from fold_in(dropout_key, step))
+    for path in dropped:
+        assert dropped[path].tobytes() == again[path].tobytes(), path
+    # the same seed without LoRA dropout trains another adapter: dropout acted on the training step
+    assert any(not np.array_equal(dropped[p], plain[p]) for p in dropped if p.endswith("lora_B"))

@@ -1,4 +1,9 @@
 """train_lora.py: strict base restore, frozen base, adapter and merged outputs."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -7,7 +12,8 @@ from chest_jax import checkpoint as ckpt
 from chest_jax import loading
 from chest_jax.lora import lora_leaves, params_fingerprint
 from chest_jax.train import run_training
-from conftest import quiet
+from chest_jax.trees import flatten
+from conftest import REPO, TINY, quiet
 
 LORA = ["ch_estimation.peft={r: 2, lora_alpha: 4, lora_dropout: 0.0}", "dataset.channel_type=[InF_Los]",
         "training.num_iter=10", "training.lr=1e-2"]
@@ -117,13 +123,127 @@ def test_merged_equals_base_plus_adapter_and_adapter_checks_its_base(tiny_cfg, t
 
 
 def test_finetune_continues_a_lora_run(tiny_cfg, base_run):
-    first = run_training(_lora_cfg(tiny_cfg, base_run, "training.saved_model_name=lora1"), kind="lora",
+    fast = "training.validation_distances=[]"
+    first = run_training(_lora_cfg(tiny_cfg, base_run, "training.saved_model_name=lora1", fast), kind="lora",
                          log=quiet, progress=False)
-    cfg = _lora_cfg(tiny_cfg, first.run_dir, "training.model_load_mode=finetune", "training.saved_model_name=lora2")
+    first_adapter = flatten(ckpt.load_adapter(first.run_dir / "adapter")[0])
+    # the first run trained lora_B away from its zero init, so a fresh adapter is told apart from it
+    assert any(np.any(v != 0) for p, v in first_adapter.items() if p[-1] == "lora_B")
+    # With num_warmup_steps=1 the schedule is 0 at the first step, so step 1's update is exactly zero and the
+    # checkpoint of step 1 (model_save_step=1 keeps every step) holds the adapter finetune started from.
+    cfg = _lora_cfg(tiny_cfg, first.run_dir, "training.model_load_mode=finetune", "training.saved_model_name=lora2",
+                    "training.num_warmup_steps=1", "training.model_save_step=1", "training.num_iter=3", fast)
     second = run_training(cfg, kind="lora", log=quiet, progress=False)
-    a = lora_leaves(ckpt.load_adapter(first.run_dir / "adapter")[0])
-    b = lora_leaves(ckpt.load_adapter(second.run_dir / "adapter")[0])
-    diffs = [float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
-    assert max(diffs) > 0
+    start = flatten(lora_leaves(ckpt.restore_tree(second.run_dir / "checkpoints" / "1",
+                                                  loading.abstract_model_params(_lora_model(base_run, first)),
+                                                  expected_from="test")))
+    assert start.keys() == first_adapter.keys()
+    for path, leaf in first_adapter.items():  # bit for bit: the first run's adapter, not a fresh init
+        assert np.asarray(start[path]).tobytes() == np.asarray(leaf).tobytes(), path
+    # and then it trained on from there
+    b = flatten(ckpt.load_adapter(second.run_dir / "adapter")[0])
+    assert any(not np.array_equal(b[p], first_adapter[p]) for p in first_adapter)
     assert ckpt.read_meta(second.run_dir / "adapter")["base_fingerprint"] == \
         ckpt.read_meta(first.run_dir / "adapter")["base_fingerprint"]
+
+
+def _copy_of_base(base_run, path, change=None):
+    """Save base_run's final model (optionally changed) as a base checkpoint at `path`; its fingerprint."""
+    params = loading.model_params(loading.load_model(str(base_run))[0])
+    if change is not None:
+        params = change(params)
+    cfg = ckpt.config_from_meta(ckpt.read_meta(base_run / "final"), base_run)
+    fingerprint = params_fingerprint(params)
+    ckpt.save_model(path, params, cfg, kind="base", step=10, fingerprint=fingerprint, overwrite=True)
+    return fingerprint
+
+
+def _nudged(params):
+    bias = params["ch_tf"]["_linear"]["bias"]
+    return {**params, "ch_tf": {**params["ch_tf"], "_linear": {**params["ch_tf"]["_linear"],
+                                                               "bias": np.asarray(bias) + 1e-3}}}
+
+
+def test_lora_resume_keeps_the_base_it_started_on(tiny_cfg, tmp_path, base_run):
+    base_path = tmp_path / "base"
+    original = _copy_of_base(base_run, base_path)
+    cfg = _lora_cfg(tiny_cfg, base_path, "training.validation_distances=[]", "training.num_iter=4",
+                    "training.evaluation_step=4", "training.model_save_step=4")
+    first = run_training(cfg, kind="lora", stop_after=2, log=quiet, progress=False)
+    assert first.interrupted and first.final_step == 2
+    assert ckpt.read_meta(first.run_dir / "checkpoints" / "2")["base_fingerprint"] == original
+    # another base at the same path (a valid checkpoint, its own fingerprint): --resume must refuse it, since
+    # the run's adapter was trained on the base recorded in its checkpoint
+    changed = _copy_of_base(base_run, base_path, _nudged)
+    assert changed != original
+    with pytest.raises(ckpt.CheckpointMismatchError, match="has changed since") as e:
+        run_training(cfg, kind="lora", resume=True, log=quiet, progress=False)
+    assert str(base_path) in str(e.value) and original[:12] in str(e.value) and changed[:12] in str(e.value)
+    assert not (first.run_dir / "final").exists()
+    # the original base back: the resumed run finishes and its adapter records that base
+    assert _copy_of_base(base_run, base_path) == original
+    done = run_training(cfg, kind="lora", resume=True, log=quiet, progress=False)
+    assert done.final_step == 4 and not done.interrupted
+    assert ckpt.read_meta(done.adapter_path)["base_fingerprint"] == original
+
+
+# A tiny base run over 2 simulated CPU devices, stopped at its first step: which mesh run_training builds and
+# where it places the arrays it hands the step. In a subprocess, since the device count is fixed at JAX start.
+_MESH_PROBE = r"""
+import json, sys
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from chest_jax import config as C, distributed, train
+
+cfg = C.load(None, json.loads(sys.argv[1]))
+calls, seen = [], {}
+real_make_mesh, real_make_train_step = distributed.make_mesh, train.make_train_step
+
+def recording_make_mesh(c):
+    mesh = real_make_mesh(c)
+    calls.append((c, mesh))
+    return mesh
+
+class Stop(Exception):
+    pass
+
+def recording_make_train_step(*args, **kwargs):
+    seen["data_sharding"] = kwargs.get("data_sharding")
+    def first_step(state, frozen, bank, distance_range, data_key, dropout_key):
+        seen["placed"] = [x.sharding for x in jax.tree.leaves((state, frozen, bank, distance_range))]
+        raise Stop
+    return first_step
+
+distributed.make_mesh, train.make_train_step = recording_make_mesh, recording_make_train_step
+try:
+    train.run_training(cfg, kind="base", log=lambda *_: None, progress=False)
+except Stop:
+    pass
+mesh = calls[0][1] if calls else None
+print(json.dumps({
+    "calls": len(calls),
+    "called_with_the_run_config": bool(calls) and calls[0][0] == cfg,
+    "mesh_devices": [str(d) for d in mesh.devices.flat] if mesh else None,
+    "cpu_devices": [str(d) for d in jax.devices("cpu")],
+    "data_sharding_is_the_mesh_data_axis": mesh is not None and seen.get("data_sharding") == NamedSharding(mesh, P("data")),
+    "num_placed": len(seen.get("placed", [])),
+    "all_replicated_on_the_mesh": mesh is not None and all(s == NamedSharding(mesh, P()) for s in seen.get("placed", [])),
+}))
+"""
+
+
+def test_run_training_shards_over_the_mesh_of_make_mesh(tmp_path):
+    overrides = [*TINY, f"training.output_dir={tmp_path / 'runs'}", "training.device=cpu",
+                 "training.validation_distances=[]"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run([sys.executable, "-c", _MESH_PROBE, json.dumps(overrides)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    # make_mesh is asked once, with the run's config, and gives the mesh over the devices of training.device
+    assert r["calls"] == 1 and r["called_with_the_run_config"]
+    assert len(r["cpu_devices"]) == 2 and r["mesh_devices"] == r["cpu_devices"]
+    # the batch is sharded over that mesh's data axis; parameters, optimizer state, bank and distance range
+    # are replicated on it
+    assert r["data_sharding_is_the_mesh_data_axis"]
+    assert r["num_placed"] > 10 and r["all_replicated_on_the_mesh"]
