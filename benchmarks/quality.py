@@ -27,12 +27,11 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402,F401  (puts the repository on sys.path)
+import _study  # noqa: E402
 import numpy as np  # noqa: E402
 
-from chest_jax import checkpoint as ckpt  # noqa: E402
 from chest_jax import compare, loading  # noqa: E402
 from chest_jax import config as C  # noqa: E402
-from chest_jax.train import run_training  # noqa: E402
 
 # Recipes as config overrides on top of --base. "original" is the preset as the original trains it.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -46,40 +45,14 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 def _train(variant: str, seed: int, base: str, overrides: Sequence[str], runs_dir: Path,
            log) -> tuple[Path, float | None]:
     """The run directory of (variant, seed), training it unless it already finished; and its training seconds."""
-    name = f"{variant}_s{seed}"
     training_overrides = [o for o in overrides if not o.startswith("compare.")]
     cfg = C.load(base, [*VARIANTS[variant], *training_overrides, f"dataset.rnd_seed={seed}",
-                        f"training.output_dir={runs_dir}", f"training.saved_model_name={name}"])
-    run_dir = runs_dir / name
-    if (run_dir / "final").is_dir():
-        stored = ckpt.config_from_meta(ckpt.read_meta(run_dir / "final"), run_dir / "final")
-        if stored.replace(compare=cfg.compare) != cfg:
-            raise SystemExit(f"{run_dir} was trained with another config than this study asks for; delete it or "
-                             "choose another --runs directory")
-        log(f"{name}: reusing the finished run in {run_dir}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        return run_dir, summary.get("wall_s")
-    log(f"{name}: training ({cfg.training.num_iter} steps)")
-    start = time.perf_counter()
-    result = run_training(cfg, kind="base", resume=(run_dir / "checkpoints").is_dir(),
-                          log=lambda line: log("  " + line), progress=False)
-    if result.interrupted:
-        raise SystemExit(f"{name} was interrupted at step {result.final_step}; run the same command again to resume")
-    wall = time.perf_counter() - start
-    summary_path = run_dir / "summary.json"
-    summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "wall_s": wall}, indent=1))
-    return run_dir, wall
+                        f"training.output_dir={runs_dir}", f"training.saved_model_name={variant}_s{seed}"])
+    return _study.train_or_reuse(cfg, "base", log)
 
 
 def _validation(run_dir: Path) -> dict[str, float]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {k: v for k, v in summary.items() if k.startswith("val_") and isinstance(v, (int, float))}
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, Any]:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    return {"mean": float(arr.mean()) if arr.size else None,
-            "std": float(arr.std(ddof=1)) if arr.size > 1 else None, "n": int(arr.size)}
+    return {k: v for k, v in _study.summary_of(run_dir).items() if k.startswith("val_") and isinstance(v, (int, float))}
 
 
 def summarise(results: dict[str, Any], runs: dict[str, list[Path]], walls: dict[str, list]) -> dict[str, Any]:
@@ -90,7 +63,7 @@ def summarise(results: dict[str, Any], runs: dict[str, list[Path]], walls: dict[
         keys = sorted({k for v in vals for k in v})
         out["variants"][variant] = {
             "overrides": list(VARIANTS[variant]), "runs": [str(d) for d in dirs], "wall_s": walls[variant],
-            "validation": {k: _mean_std([v.get(k) for v in vals]) for k in keys},
+            "validation": {k: _study.mean_std([v.get(k) for v in vals]) for k in keys},
             "test": {}}
     for ct, curve in results["curves"].items():
         for label, series in curve["series"].items():

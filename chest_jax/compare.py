@@ -3,6 +3,9 @@
 `run_compare` takes prediction functions (`ModelEntry`), builds the test sets from `cfg.compare`, scores
 every entry and baseline, aggregates seeds, and writes results.csv, results.json and PNG plots into the
 output directory. `cli` (behind compare.py) turns checkpoint specs into entries with `chest_jax.loading`.
+
+One concept, the comparison, in the order it runs (population check, scoring, gains, tables, curves, CLI); the
+estimators are in `chest_jax.baselines`, the metrics in `chest_jax.metrics`, the test sets in `chest_jax.testsets`.
 """
 from __future__ import annotations
 
@@ -294,6 +297,52 @@ def _write_tables(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
+def _score_test_set(cfg: Config, name: str, what: TestSetConfig | str, groups: dict[str, list[ModelEntry]],
+                    spec: ofdm.FrameSpec, correlations: dict[Any, dict[str, Any]], mismatches: dict[str, list[str]],
+                    results: dict[str, Any], out: Path, batch_size: int, log: Callable[[str], Any]) -> str:
+    """One test set (a generated one's config, or an original-format file prefix): scored into `results`; returns
+    its bar plot's path."""
+    cc = cfg.compare
+    if isinstance(what, TestSetConfig):
+        test_set = testsets.load_or_make_test_set(cfg, what, seed=cc.seed, cache_dir=cc.cache_dir, full=True)
+        log(f"test set {name}: {len(test_set)} samples of {what.channel_type} at {what.distance:g} m "
+            f"({'cached' if test_set.loaded_from_cache else 'generated'}: {test_set.cache_path})")
+        set_source, title = results["source"], f"{what.channel_type} at {what.distance:g} m"
+    else:
+        test_set = testsets.load_original_test_set(what)
+        log(f"test set {name}: {len(test_set)} samples from the original-format files {what}_input.npy / "
+            "_true.npy (baselines that need no side information of the test scenario only)")
+        set_source, title = test_set.source, f"original-format test set {name}"
+    rows = _score_all(groups, cc.baselines, test_set, spec, correlations[test_set.channel_type], batch_size)
+    _add_gains(rows, results["base"])
+    results["test_sets"][name] = {"channel_type": test_set.channel_type, "distance_m": test_set.distance,
+                                  "num_samples": len(test_set), "source": set_source,
+                                  "cache_path": test_set.cache_path, "estimators": rows}
+    results["rows"] += _table_rows(rows, name, test_set, set_source, mismatches)
+    references = {_display_label(b): rows[b]["nmse_db"] for b in ("ls_linear", "lmmse_genie") if b in rows}
+    return plots.plot_nmse_bars(
+        [{**row, "label": _display_label(label)} for label, row in rows.items()], out / f"nmse_{name}.png",
+        f"{title}, {len(test_set)} samples\n{source_title(set_source)}", reference_lines=references)
+
+
+def _score_curves(cfg: Config, ct: str, groups: dict[str, list[ModelEntry]], spec: ofdm.FrameSpec,
+                  correlations: dict[str, Any], results: dict[str, Any], out: Path, batch_size: int,
+                  log: Callable[[str], Any]) -> list[str]:
+    """NMSE vs distance and vs pilot SNR of channel type `ct` into `results`; returns the two plots' paths."""
+    cc = cfg.compare
+    log(f"NMSE vs distance for {ct}: {len(cc.distances)} distances x {cc.curve_samples} samples")
+    series, snr_db = _curve(cfg, groups, ct, spec, correlations, batch_size)
+    results["curves"][ct] = {"distances_m": list(cc.distances), "pilot_snr_db": snr_db,
+                             "samples_per_point": cc.curve_samples, "series": series}
+    labelled = {_display_label(k): v for k, v in series.items()}
+    subtitle = f"{ct}, {cc.curve_samples} samples per point\n{source_title(results['source'])}"
+    return [plots.plot_nmse_curve(cc.distances, labelled, out / f"nmse_vs_distance_{ct}.png",
+                                  f"NMSE vs distance, {subtitle}", xlabel="Tx-Rx distance (m), log scale", log_x=True),
+            plots.plot_nmse_curve(snr_db, labelled, out / f"nmse_vs_snr_{ct}.png", f"NMSE vs pilot SNR, {subtitle}",
+                                  xlabel="per-RE pilot SNR (dB): mean |H|^2 / noise variance at the DMRS REs",
+                                  log_x=False)]
+
+
 def run_compare(cfg: Config, models: Sequence[ModelEntry], out_dir: str | Path, *,
                 log: Callable[[str], Any] = print, batch_size: int = 32) -> dict[str, Any]:
     """Score every model entry and every baseline of cfg.compare.baselines on the test sets of
@@ -323,40 +372,10 @@ def run_compare(cfg: Config, models: Sequence[ModelEntry], out_dir: str | Path, 
     sets = [(name, ts_cfg) for ts_cfg, name in zip(cc.test_sets, _unique_names(cc.test_sets))]
     sets += [(Path(prefix).name, prefix) for prefix in cc.original_test_sets]
     for name, what in sets:
-        if isinstance(what, TestSetConfig):
-            test_set = testsets.load_or_make_test_set(cfg, what, seed=cc.seed, cache_dir=cc.cache_dir, full=True)
-            log(f"test set {name}: {len(test_set)} samples of {what.channel_type} at {what.distance:g} m "
-                f"({'cached' if test_set.loaded_from_cache else 'generated'}: {test_set.cache_path})")
-            set_source, title = source, f"{what.channel_type} at {what.distance:g} m"
-        else:
-            test_set = testsets.load_original_test_set(what)
-            log(f"test set {name}: {len(test_set)} samples from the original-format files {what}_input.npy / "
-                "_true.npy (baselines that need no side information of the test scenario only)")
-            set_source, title = test_set.source, f"original-format test set {name}"
-        rows = _score_all(groups, cc.baselines, test_set, spec, correlations[test_set.channel_type], batch_size)
-        _add_gains(rows, base)
-        results["test_sets"][name] = {"channel_type": test_set.channel_type, "distance_m": test_set.distance,
-                                      "num_samples": len(test_set), "source": set_source,
-                                      "cache_path": test_set.cache_path, "estimators": rows}
-        results["rows"] += _table_rows(rows, name, test_set, set_source, mismatches)
-        references = {_display_label(b): rows[b]["nmse_db"] for b in ("ls_linear", "lmmse_genie") if b in rows}
-        plot_paths.append(plots.plot_nmse_bars(
-            [{**row, "label": _display_label(label)} for label, row in rows.items()], out / f"nmse_{name}.png",
-            f"{title}, {len(test_set)} samples\n{source_title(set_source)}", reference_lines=references))
-
+        plot_paths.append(_score_test_set(cfg, name, what, groups, spec, correlations, mismatches, results, out,
+                                          batch_size, log))
     for ct in channel_types:
-        log(f"NMSE vs distance for {ct}: {len(cc.distances)} distances x {cc.curve_samples} samples")
-        series, snr_db = _curve(cfg, groups, ct, spec, correlations[ct], batch_size)
-        results["curves"][ct] = {"distances_m": list(cc.distances), "pilot_snr_db": snr_db,
-                                 "samples_per_point": cc.curve_samples, "series": series}
-        labelled = {_display_label(k): v for k, v in series.items()}
-        subtitle = f"{ct}, {cc.curve_samples} samples per point\n{source_title(source)}"
-        plot_paths.append(plots.plot_nmse_curve(
-            cc.distances, labelled, out / f"nmse_vs_distance_{ct}.png", f"NMSE vs distance, {subtitle}",
-            xlabel="Tx-Rx distance (m), log scale", log_x=True))
-        plot_paths.append(plots.plot_nmse_curve(
-            snr_db, labelled, out / f"nmse_vs_snr_{ct}.png", f"NMSE vs pilot SNR, {subtitle}",
-            xlabel="per-RE pilot SNR (dB): mean |H|^2 / noise variance at the DMRS REs", log_x=False))
+        plot_paths += _score_curves(cfg, ct, groups, spec, correlations[ct], results, out, batch_size, log)
 
     csv_path, json_path = _write_tables(results, out)
     results["files"] = {"csv": str(csv_path), "json": str(json_path), "plots": plot_paths}

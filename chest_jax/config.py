@@ -26,6 +26,8 @@ from chest_jax.errors import UserError
 SCENARIOS = ("InF", "InH", "RMa", "UMa", "UMi")
 CHANNEL_TYPES = tuple(f"{s}_{los}" for s in SCENARIOS for los in ("Los", "Nlos"))
 LORA_TARGETS = ("mha_q_proj", "mha_k_proj", "mha_v_proj", "out_proj", "ffnn_linear1", "ffnn_linear2")
+# Named subsets of LORA_TARGETS (the transfer study's target-module arms).
+LORA_TARGET_GROUPS = {"attention": LORA_TARGETS[:4], "ffn": LORA_TARGETS[4:], "all": LORA_TARGETS}
 # The classical estimators compare.py can score (implemented in chest_jax.baselines, which checks it has each).
 BASELINES = ("ls_linear", "dft_ls", "lmmse_genie", "lmmse_practical", "lmmse_pooled")
 # The frame generator draws each QAM dimension's level from 8 bits of one random word (ofdm.py).

@@ -133,3 +133,27 @@ def plot_nmse_curve(x: Sequence[float], series: Mapping[str, Mapping[str, Any]],
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_nmse_vs_trainable(points: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> str:
+    """NMSE (dB, mean with the spread over seeds as an error bar) against the number of parameters trained for
+    the target, one labelled point per arm (the Pareto view of a transfer study). points: dicts with `label`,
+    `trainable_params` (0 for an unadapted model), `nmse_db`, optional `nmse_db_std`."""
+    fig = Figure(figsize=(7.5, 5.0))
+    ax = fig.subplots()
+    for i, p in enumerate(points):
+        if p.get("nmse_db") is None:
+            continue
+        std = p.get("nmse_db_std")
+        ax.errorbar([p["trainable_params"]], [p["nmse_db"]], yerr=None if std is None else [[std], [std]],
+                    fmt="o", color=_TAB10(i % 10), capsize=3, ms=5)
+        ax.annotate(p["label"], (p["trainable_params"], p["nmse_db"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
+    # symlog: the unadapted models (0 trainable parameters) sit at 0 beside the log-spaced adapted ones
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlabel("parameters trained for the target (symlog scale)")
+    ax.set_ylabel("NMSE (dB), mean over seeds; lower is better")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -7,7 +7,8 @@ state and reproduces the uninterrupted one.
 
 The run directory's layout and --resume / --overwrite rules are in `chest_jax.rundir`, validation in
 `chest_jax.validation`, metrics.jsonl / wandb / the progress bar in `chest_jax.runlog`, devices in
-`chest_jax.distributed`.
+`chest_jax.distributed`. What is left here is one concept, the loop, in the order a run goes through it (the
+step, set-up and resume, the named steps of `_Loop`, the CLI); it is a little over 400 lines because of that.
 """
 from __future__ import annotations
 

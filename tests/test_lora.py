@@ -343,3 +343,16 @@ def test_lora_dropout_in_a_run_changes_the_adapter_and_is_deterministic(lora_run
         assert dropped[path].tobytes() == again[path].tobytes(), path
     # the same seed without LoRA dropout trains another adapter: dropout acted on the training step
     assert any(not np.array_equal(dropped[p], plain[p]) for p in dropped if p.endswith("lora_B"))
+
+
+@pytest.mark.parametrize("group", sorted(config.LORA_TARGET_GROUPS))
+def test_target_groups_select_exactly_the_modules_they_name(group):
+    """The transfer study's attention / ffn / all arms: each wraps every module of its group and nothing else."""
+    model = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0))
+    modules = config.LORA_TARGET_GROUPS[group]
+    wrapped = apply_lora(model, dataclasses.replace(PEFT_R8, target_modules=modules), rngs=nnx.Rngs(0))
+    per_layer = {"mha_q_proj": ["mha_q_proj"], "mha_k_proj": ["mha_k_proj"], "mha_v_proj": ["mha_v_proj"],
+                 "out_proj": ["mha.out_proj", "cond_mha.out_proj"], "ffnn_linear1": ["ffnn_linear1"],
+                 "ffnn_linear2": ["ffnn_linear2"]}
+    want = {f"ch_tf._layers.{i}.{path}" for i in range(2) for m in modules for path in per_layer[m]}
+    assert set(wrapped) == want

@@ -1,0 +1,53 @@
+"""What the study scripts (quality.py, transfer.py) share: train a run or reuse it when it already finished with
+the same config, and summarise numbers over seeds."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+from chest_jax import checkpoint as ckpt
+from chest_jax import config as C
+from chest_jax.train import run_training
+
+
+def train_or_reuse(cfg: C.Config, kind: str, log: Callable[[str], None]) -> tuple[Path, float | None]:
+    """The run directory of `cfg` (training.output_dir / saved_model_name), trained with `kind` unless a finished
+    run with the same dataset, model and training sections is there (an interrupted one is resumed); and the
+    training wall time in seconds (recorded in its summary.json as wall_s)."""
+    t = cfg.training
+    run_dir = Path(t.output_dir) / t.saved_model_name
+    if (run_dir / "final").is_dir():
+        stored = ckpt.config_from_meta(ckpt.read_meta(run_dir / "final"), run_dir / "final")
+        if stored.replace(compare=cfg.compare) != cfg:
+            raise SystemExit(f"{run_dir} was trained with another config than this study asks for; delete it or "
+                             "choose another --runs directory")
+        log(f"{t.saved_model_name}: reusing the finished run in {run_dir}")
+        return run_dir, json.loads((run_dir / "summary.json").read_text()).get("wall_s")
+    log(f"{t.saved_model_name}: training {kind} ({t.num_iter} steps)")
+    start = time.perf_counter()
+    result = run_training(cfg, kind=kind, resume=(run_dir / "checkpoints").is_dir(),
+                          log=lambda line: log("  " + line), progress=False)
+    if result.interrupted:
+        raise SystemExit(f"{t.saved_model_name} was interrupted at step {result.final_step}; run the same command "
+                         "again to resume")
+    wall = time.perf_counter() - start
+    summary_path = run_dir / "summary.json"
+    summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "wall_s": wall}, indent=1))
+    return run_dir, wall
+
+
+def summary_of(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation (ddof 1), standard error and count of the non-missing values."""
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    std = float(arr.std(ddof=1)) if arr.size > 1 else None
+    return {"mean": float(arr.mean()) if arr.size else None, "std": std,
+            "se": None if std is None else std / np.sqrt(arr.size), "n": int(arr.size)}
