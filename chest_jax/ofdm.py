@@ -1,7 +1,8 @@
 """The jitted OFDM frame generator of SPEC.md section 1: random channels, DMRS pilots, noise, LS at the pilots.
 
 Per sample: draw a scenario and one of its power-delay profiles (PDPs), a distance and a random extra delay;
-drop taps past the cyclic prefix; Rayleigh tap gains; sinc-interpolated time-domain channel on the sampling
+drop taps past the cyclic prefix; Rayleigh tap gains (every tap, the LoS one included: no specular
+component, so LoS links are Rayleigh-faded, not Ricean); sinc-interpolated time-domain channel on the sampling
 grid, normalised to unit energy and scaled by the free-space path loss; orthonormal FFT, keep the used band;
 transmit a grid with a fixed QPSK DMRS sequence on symbol 0 and random QAM elsewhere; add complex Gaussian
 noise; divide the DMRS REs by their pilot (least squares). `generate_batch` does this for a whole batch in

@@ -3,6 +3,10 @@
 Each drop (one link) draws its large-scale parameters and turns them into a tap list
 [delay_ns, linear power] whose powers sum to 1; path loss is applied later, from the distance.
 
+LoS drops are not Ricean: the LoS ray is the tap at delay 0 with power K_R / (K_R + 1), and the frame generator
+(`chest_jax.ofdm`) fades it like every other tap (a complex Gaussian gain), as the original did (SPEC.md section
+1). The K-factor thus shapes the profile, not the fading statistics; there is no deterministic specular term.
+
 Per drop, for the scenario's row of Table 7.5-6 (`tr38901_params.csv`, or `tr38901_params_rel19.csv`
 with version="rel19"):
   1. lgDS ~ N(mu, sigma) and, for LoS, K [dB] ~ N(mu_K, sigma_K), drawn jointly with the tabulated
