@@ -13,25 +13,18 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any, Callable
 
 import numpy as np
 
-import _common  # noqa: F401  (puts the repository on sys.path)
+import _common  # (also puts the repository on sys.path)
 
 INFER_BATCH_SIZES = (1, 32)
 
 
 def _time(call: Callable[[], Any], min_calls: int, min_seconds: float) -> list[float]:
     call()  # warm-up: allocator and oneDNN primitive caches
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return times
+    return _common.time_calls(call, min_calls, min_seconds)  # blocking on a None result is a no-op
 
 
 def measure(cfg, batch_inputs: np.ndarray, batch_h: np.ndarray, full_inputs: dict[int, np.ndarray], *,

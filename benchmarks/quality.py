@@ -30,7 +30,7 @@ import _common  # noqa: E402,F401  (puts the repository on sys.path)
 import _study  # noqa: E402
 import numpy as np  # noqa: E402
 
-from chest_jax import compare, loading  # noqa: E402
+from chest_jax import compare  # noqa: E402
 from chest_jax import config as C  # noqa: E402
 
 # Recipes as config overrides on top of --base, each naming every key it is about (so a change of the preset's
@@ -138,12 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Score on the training runs' own data population: the overrides reach the compare config too (training.*
     # aside), and run_compare refuses any population difference left.
     cfg = C.load(args.compare_config, [k for k in args.overrides if not k.startswith("training.")])
-    entries = []
-    for variant, dirs in runs.items():
-        for seed, run_dir in zip(seeds_of[variant], dirs):
-            model, _, _ = loading.load_model(str(run_dir))
-            entries.append(compare.ModelEntry(variant, loading.make_predict_fn(model), path=str(run_dir), seed=seed,
-                                              trained_on=tuple(loading.training_datasets(str(run_dir)))))
+    entries = [compare.load_entry(variant, str(run_dir), seed=seed)
+               for variant, dirs in runs.items() for seed, run_dir in zip(seeds_of[variant], dirs)]
     results = compare.run_compare(cfg, entries, out, log=log)
     summary = summarise(results, runs, walls)
     summary.update(base=args.base, overrides=args.overrides, seeds=seeds_of,

@@ -41,6 +41,7 @@ from flax import nnx  # noqa: E402
 
 from chest_jax import channels, loading, ofdm  # noqa: E402
 from chest_jax import config as C  # noqa: E402
+from chest_jax.metrics import to_real_pair  # noqa: E402
 from chest_jax.model import param_count  # noqa: E402
 from chest_jax.optim import make_optimizer  # noqa: E402
 from chest_jax.losses import nmse_per_sample as nmse_loss_terms  # noqa: E402
@@ -194,8 +195,7 @@ def bench_pytorch(s: Setup, timing: Timing) -> dict[str, Any]:
     batch = ofdm.make_batch_fn(s.spec, s.batch_size, full=False)(jax.random.key(1), s.bank, s.distance_range)
     full = {b: np.asarray(ofdm.make_batch_fn(s.spec, b, full=True)(jax.random.key(5), s.bank, s.distance_range).inputs)
             for b in INFER_BATCH_SIZES}
-    h_BxKx2 = np.stack([np.real(batch.h), np.imag(batch.h)], axis=-1) if np.iscomplexobj(batch.h) else batch.h
-    return pytorch_reference.measure(s.cfg, np.asarray(batch.inputs), np.asarray(h_BxKx2), full,
+    return pytorch_reference.measure(s.cfg, np.asarray(batch.inputs), to_real_pair(np.asarray(batch.h)), full,
                                      min_calls=max(3, timing.min_calls // 2), min_seconds=timing.min_seconds)
 
 

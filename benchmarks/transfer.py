@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts the repository on sys.path)
 import _study  # noqa: E402
 
-from chest_jax import compare, loading, plots  # noqa: E402
+from chest_jax import compare, plots  # noqa: E402
 from chest_jax import config as C  # noqa: E402
 
 OUTDOOR = ("UMa_Los", "UMa_Nlos", "UMi_Los", "UMi_Nlos", "RMa_Los", "RMa_Nlos")
@@ -139,12 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         *[o for o in args.overrides if not o.startswith("training.")],
         f"compare.test_sets=[{{channel_type: {tgt_set[0]}, distance: {tgt_set[1]}, num_samples: 100}}, "
         f"{{channel_type: {src_set[0]}, distance: {src_set[1]}, num_samples: 100}}]"])
-    entries = []
-    for arm, seeded in runs.items():
-        for seed, run_dir, _ in seeded:
-            model, _, _ = loading.load_model(str(run_dir))
-            entries.append(compare.ModelEntry(arm, loading.make_predict_fn(model), path=str(run_dir), seed=seed,
-                                              trained_on=tuple(loading.training_datasets(str(run_dir)))))
+    entries = [compare.load_entry(arm, str(run_dir), seed=seed)
+               for arm, seeded in runs.items() for seed, run_dir, _ in seeded]
     results = compare.run_compare(cfg, entries, args.out, log=log)
     report = summarise(results, runs, tgt_set, src_set)
     report.update(direction=args.direction, seeds=args.seeds, overrides=args.overrides,

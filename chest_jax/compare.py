@@ -10,6 +10,7 @@ estimators are in `chest_jax.baselines`, the metrics in `chest_jax.metrics`, the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from chest_jax import baselines as baselines_lib
 from chest_jax import config as config_lib
 from chest_jax import evaluate, ofdm, plots, testsets
 from chest_jax.config import Config, DatasetConfig, TestSetConfig
-from chest_jax.errors import UserError
+from chest_jax.errors import UserError, run_cli
 
 CSV_COLUMNS = ("model", "kind", "test_set", "channel_type", "distance_m", "source", "n_samples", "n_seeds",
                "nmse_db", "nmse_db_std", "pooled_nmse_db", "evm_db", "evm_percent", "gain_db", "gain_se_db",
@@ -399,7 +400,7 @@ def parse_model_spec(text: str) -> tuple[str, str]:
     return label or Path(spec.split("+")[-1].rstrip("/")).name, spec
 
 
-_SECTIONS = ("dataset.", "ch_estimation.", "training.", "compare.")
+_SECTIONS = tuple(f"{f.name}." for f in dataclasses.fields(Config))
 
 
 def _split_overrides(models: Optional[list[str]], overrides: list[str]) -> tuple[Optional[list[str]], list[str]]:
@@ -416,7 +417,6 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     """`python compare.py [--config FILE] [--models SPEC ...] [--test-set PREFIX ...] [--out DIR]
     [--allow-population-mismatch] [--debug] [section.key=value ...]`."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(
         prog="compare.py", description="Score trained estimators and the classical baselines on fixed test sets.")
@@ -434,18 +434,20 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     args.models, args.overrides = _split_overrides(args.models, args.overrides)
-    try:
-        return _run_cli(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run_cli(args), debug=args.debug)
+
+
+def load_entry(label: str, spec: str, *, seed: Optional[int] = None, output_dir: str = "runs") -> ModelEntry:
+    """A `ModelEntry` for the checkpoint spec (PATH or BASE+ADAPTER), restored strictly, with the dataset configs
+    it was trained on (for the population check)."""
+    from chest_jax import loading  # checkpoints only here: run_compare itself takes prediction functions
+
+    model, _, _ = loading.load_model(spec, output_dir=output_dir)
+    return ModelEntry(label, loading.make_predict_fn(model), path=spec, seed=seed,
+                      trained_on=tuple(loading.training_datasets(spec, output_dir=output_dir)))
 
 
 def _run_cli(args) -> int:
-    from chest_jax import loading
-
     overrides = list(args.overrides)
     if args.test_sets:
         overrides += ["compare.test_sets=[]", "compare.distances=[]",
@@ -454,12 +456,6 @@ def _run_cli(args) -> int:
         overrides.append("compare.allow_population_mismatch=true")
     cfg = config_lib.load(args.config, overrides)
     specs = args.models if args.models is not None else list(cfg.compare.models)
-    models = []
-    for text in specs:
-        label, model_spec = parse_model_spec(text)
-        model, _, _ = loading.load_model(model_spec, output_dir=cfg.training.output_dir)
-        trained_on = loading.training_datasets(model_spec, output_dir=cfg.training.output_dir)
-        models.append(ModelEntry(label, loading.make_predict_fn(model), path=model_spec,
-                                 trained_on=tuple(trained_on)))
+    models = [load_entry(*parse_model_spec(text), output_dir=cfg.training.output_dir) for text in specs]
     run_compare(cfg, models, args.out or cfg.compare.out_dir)
     return 0

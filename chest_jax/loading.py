@@ -212,20 +212,27 @@ def check_resumed_base(origin: Origin, meta: dict, frozen: dict, run_dir: Path) 
     return Origin(meta.get("base_path") or origin.base_path, in_checkpoint, origin.protected)
 
 
+def _split_spec(spec: str, output_dir: str) -> tuple[Path, Path | None]:
+    """`PATH` or `BASE+ADAPTER` -> (the model checkpoint, the adapter checkpoint or None); a LoRA run directory
+    given as ADAPTER stands for its adapter/."""
+    base_spec, _, adapter_spec = spec.partition("+")
+    base_path = ckpt.resolve_model_path(base_spec, output_dir)
+    if not adapter_spec:
+        return base_path, None
+    adapter_path = Path(adapter_spec)
+    return base_path, adapter_path / "adapter" if (adapter_path / "adapter").is_dir() else adapter_path
+
+
 def load_model(spec: str, *, output_dir: str = "runs",
                log: Callable[[str], None] = print) -> tuple[Estimator_v4, config_lib.Config, dict]:
     """A model for evaluation from `PATH` (model checkpoint, run directory or run name) or `BASE+ADAPTER`.
 
     The model config comes from the checkpoint itself; the restore is still strict against it.
     """
-    base_spec, _, adapter_spec = spec.partition("+")
-    base_path = ckpt.resolve_model_path(base_spec, output_dir)
+    base_path, adapter_path = _split_spec(spec, output_dir)
     cfg = ckpt.config_from_meta(ckpt.read_meta(base_path), base_path)
     model, meta, _ = restore_base(base_path, cfg, config_source=f"{base_path}/meta")
-    if adapter_spec:
-        adapter_path = Path(adapter_spec)
-        if (adapter_path / "adapter").is_dir():
-            adapter_path = adapter_path / "adapter"
+    if adapter_path is not None:
         meta, _ = attach_adapter(model, adapter_path, base_fingerprint=params_fingerprint(model_params(model)),
                                  key=jax.random.key(0), log=log)
     return model, cfg, meta
@@ -234,11 +241,7 @@ def load_model(spec: str, *, output_dir: str = "runs",
 def training_datasets(spec: str, *, output_dir: str = "runs") -> list[tuple[str, config_lib.DatasetConfig]]:
     """The dataset configs a model spec (PATH or BASE+ADAPTER) was trained on: its own, its adapter's, and the
     base it was adapted from where that is recorded and still on disk, each named by where it was read."""
-    base_spec, _, adapter_spec = spec.partition("+")
-    paths = [ckpt.resolve_model_path(base_spec, output_dir)]
-    if adapter_spec:
-        adapter_path = Path(adapter_spec)
-        paths.append(adapter_path / "adapter" if (adapter_path / "adapter").is_dir() else adapter_path)
+    paths = [p for p in _split_spec(spec, output_dir) if p is not None]
     found: list[tuple[str, config_lib.DatasetConfig]] = []
     for path in paths:
         meta = ckpt.read_meta(path)

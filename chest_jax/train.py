@@ -13,7 +13,6 @@ step, set-up and resume, the named steps of `_Loop`, the CLI); it is a little ov
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from chest_jax.validation import Validation, make_eval_fn
 from chest_jax import checkpoint as ckpt
 from chest_jax import config as config_lib
 from chest_jax import loading
-from chest_jax.errors import UserError
+from chest_jax.errors import run_cli
 from chest_jax.lora import dropout_keys, lora_leaves, merge_lora, params_fingerprint
 from chest_jax.metrics import db
 from chest_jax.model import param_count
@@ -410,12 +409,10 @@ def cli(kind: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         cfg = config_lib.load(args.config, args.overrides)
         run_training(cfg, kind=kind, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(body, debug=args.debug)
