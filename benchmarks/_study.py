@@ -2,7 +2,10 @@
 the same config, and summarise numbers over seeds."""
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -13,6 +16,19 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 from chest_jax import checkpoint as ckpt
 from chest_jax import config as C
 from chest_jax.train import run_training
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parser.parse_args with the section.key=value overrides taken out first, wherever they stand: list options
+    (--seeds 0 1 2) would otherwise swallow the overrides that follow them. They land in `args.overrides`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    args.overrides = [*getattr(args, "overrides", []), *overrides]
+    return args
 
 
 def train_or_reuse(cfg: C.Config, kind: str, log: Callable[[str], None]) -> tuple[Path, float | None]:

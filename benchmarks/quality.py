@@ -36,10 +36,15 @@ from chest_jax import config as C  # noqa: E402
 # Recipes as config overrides on top of --base, each naming every key it is about (so a change of the preset's
 # defaults does not change what a variant means). "original" trains as the original did.
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "original": ("training.loss=nmse", "ch_estimation.residual=none"),
-    "nmse_db": ("training.loss=nmse_db", "ch_estimation.residual=none"),
-    "residual": ("ch_estimation.residual=ls_linear", "training.loss=nmse"),
-    "residual_db": ("ch_estimation.residual=ls_linear", "training.loss=nmse_db"),
+    "original": ("training.loss=nmse", "ch_estimation.residual=none", "ch_estimation.queries=learned"),
+    "nmse_db": ("training.loss=nmse_db", "ch_estimation.residual=none", "ch_estimation.queries=learned"),
+    "residual": ("ch_estimation.residual=ls_linear", "training.loss=nmse", "ch_estimation.queries=learned"),
+    "residual_db": ("ch_estimation.residual=ls_linear", "training.loss=nmse_db", "ch_estimation.queries=learned"),
+    "pilots_db": ("ch_estimation.queries=pilots", "ch_estimation.residual=none", "training.loss=nmse_db"),
+    "pilots_residual_db": ("ch_estimation.queries=pilots", "ch_estimation.residual=ls_linear",
+                           "training.loss=nmse_db"),
+    "pilots_gated_db": ("ch_estimation.queries=pilots", "ch_estimation.residual=ls_linear_gated",
+                        "training.loss=nmse_db"),
 }
 
 
@@ -106,7 +111,7 @@ def markdown_table(summary: dict[str, Any], channel_type: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["original", "nmse_db", "residual_db"],
                         choices=sorted(VARIANTS))
@@ -118,7 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/quality", help="directory of the study's run directories")
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = _study.parse_with_overrides(parser, argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     runs_dir, out = Path(args.runs), Path(args.out)
     study_start = time.perf_counter()

@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/transfer")
     parser.add_argument("--out", default="results/transfer")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
-    args = parser.parse_args(argv)
+    args = _study.parse_with_overrides(parser, argv)
     log = lambda line: print(line, flush=True)  # noqa: E731
     src_types, src_range, tgt_types, _, tgt_set, src_set = DIRECTIONS[args.direction]
     runs_dir = Path(args.runs) / args.direction

@@ -149,7 +149,15 @@ class ChEstimationConfig:
     # chest-jax variant, off by default: "ls_linear" makes the transformer predict a correction added to the LS +
     # linear interpolation of the pilots (its output layer zero-initialised, so training starts at LS). The
     # PyTorch original cannot represent it (export refuses it).
-    residual: Literal["none", "ls_linear"] = "none"
+    # "ls_linear_gated": the same, each token's share of LS + linear scaled by 1 + a learned gate of its state
+    # (zero-initialised too), so the model can turn the noisy reference down at low SNR.
+    residual: Literal["none", "ls_linear", "ls_linear_gated"] = "none"
+    # chest-jax variant, off by default: "pilots" starts each query token from its own condition token (the
+    # pilots of the same subcarriers, through a learned Linear `_query_proj`) added to the learned embedding, so
+    # the local pilots reach the output without passing through a softmax mixture (the original's learned
+    # queries see them only through cross-attention). Needs cond and transformer n_token equal. The PyTorch
+    # original cannot represent it (export refuses it).
+    queries: Literal["learned", "pilots"] = "learned"
 
 
 @dataclass(frozen=True)

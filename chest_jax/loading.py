@@ -56,9 +56,10 @@ def _model_differences(stored_cfg: config_lib.Config, cfg: config_lib.Config) ->
         b = config_lib.to_dict(getattr(cfg.ch_estimation, section))
         diffs += [f"ch_estimation.{section}.{k}: checkpoint {a[k]!r}, config {b[k]!r}"
                   for k in a if a[k] != b[k] and k != "dropout"]
-    if stored_cfg.ch_estimation.residual != cfg.ch_estimation.residual:
-        diffs.append(f"ch_estimation.residual: checkpoint {stored_cfg.ch_estimation.residual!r}, "
-                     f"config {cfg.ch_estimation.residual!r}")
+    for key in ("residual", "queries"):
+        a, b = getattr(stored_cfg.ch_estimation, key), getattr(cfg.ch_estimation, key)
+        if a != b:
+            diffs.append(f"ch_estimation.{key}: checkpoint {a!r}, config {b!r}")
     if stored_cfg.dataset.ref_conf_dict.dmrs != cfg.dataset.ref_conf_dict.dmrs:
         diffs.append(f"dataset.ref_conf_dict.dmrs: checkpoint {list(stored_cfg.dataset.ref_conf_dict.dmrs)}, "
                      f"config {list(cfg.dataset.ref_conf_dict.dmrs)}")

@@ -243,9 +243,14 @@ class Transformer(nnx.Module):
 
     def __init__(self, length: int, channels: int, num_layers: int, d_model: int, n_token: int, n_head: int,
                  dim_feedforward: int, dropout: float, activation: str, cond_net: ConditionNetwork, *,
-                 rngs: nnx.Rngs, dtype: Any = jnp.float32, zero_output: bool = False):
+                 rngs: nnx.Rngs, dtype: Any = jnp.float32, residual: str = "none", queries: str = "learned"):
         if length % n_token:
             raise ValueError(f"transformer length={length} is not divisible by n_token={n_token}")
+        if queries == "pilots" and cond_net.n_token != n_token:
+            raise ValueError(f"ch_estimation.queries=pilots starts query token t from condition token t, so it needs "
+                             f"as many condition tokens (cond.length / cond.step_size = {cond_net.n_token}) as "
+                             f"query tokens (transformer.n_token = {n_token}); make them equal or use "
+                             "queries: learned")
         self.length, self.channels, self.n_token, self.d_model = length, channels, n_token, d_model
         self.dtype = dtype
         self._cond_net = cond_net
@@ -255,20 +260,37 @@ class Transformer(nnx.Module):
             for _ in range(num_layers)
         ])
         self._embedding = nnx.Param(jax.random.normal(rngs.params(), (n_token, d_model), jnp.float32))
-        # zero_output (the residual variant): the output starts at exactly 0, so the model starts at its
-        # reference estimate; the kernel's gradient (activations x output error) is non-zero from step 1.
-        out_init = jax.nn.initializers.zeros if zero_output else xavier_uniform
+        self.queries = queries
+        if queries == "pilots":
+            self._query_proj = Linear(cond_net.d_model, d_model, dtype=dtype, rngs=rngs)
+        # The residual variants: the output layer starts at exactly 0, so the model starts at its reference
+        # estimate; the kernel's gradient (activations x output error) is non-zero from step 1.
+        self.residual = residual
+        out_init = jax.nn.initializers.zeros if residual != "none" else xavier_uniform
         self._linear = Linear(d_model, channels * length // n_token, kernel_init=out_init, dtype=dtype, rngs=rngs)
+        if residual == "ls_linear_gated":
+            # Each token scales its share of the reference by 1 + gate(x_t), zero at init (exactly the reference):
+            # the model can turn the noisy reference down where it cannot cancel the noise itself (low SNR).
+            self._reference_gate = Linear(d_model, 1, kernel_init=jax.nn.initializers.zeros, dtype=dtype,
+                                          rngs=rngs)
 
-    def __call__(self, cond_BxCxK: jax.Array, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, cond_BxCxK: jax.Array, reference_BxCxK: jax.Array | None = None, *,
+                 deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """reference (B, channels, length), residual variants only: the estimate the output corrects."""
         c_BxCxE = self._cond_net(cond_BxCxK)
         batch = c_BxCxE.shape[0]
         x_BxTxD = jnp.broadcast_to(self._embedding[...], (batch, self.n_token, self.d_model))
+        if self.queries == "pilots":
+            x_BxTxD = x_BxTxD + self._query_proj(c_BxCxE).astype(jnp.float32)
         for layer in self._layers:
             x_BxTxD = layer(x_BxTxD, c_BxCxE, deterministic=deterministic, rngs=rngs)
         y_BxTxO = self._linear(x_BxTxD).astype(jnp.float32)
         y_BxTxCxS = y_BxTxO.reshape(batch, self.n_token, self.channels, -1)
+        if self.residual != "none":
+            ref_BxTxCxS = reference_BxCxK.reshape(batch, self.channels, self.n_token, -1).transpose(0, 2, 1, 3)
+            if self.residual == "ls_linear_gated":
+                ref_BxTxCxS = ref_BxTxCxS * (1.0 + self._reference_gate(x_BxTxD).astype(jnp.float32))[..., None]
+            y_BxTxCxS = y_BxTxCxS + ref_BxTxCxS
         return y_BxTxCxS.transpose(0, 2, 1, 3).reshape(batch, self.channels, self.length)
 
 
@@ -299,7 +321,7 @@ class Estimator_v4(nnx.Module):  # noqa: N801 - the original's class name
         cond_net = ConditionNetwork(cond.length, cond.in_channels, cond.step_size, cond.steps_per_token)
         self.ch_tf = Transformer(tf.length, tf.channels, tf.num_layers, tf.d_model, tf.n_token, tf.n_head,
                                  tf.dim_feedforward, tf.dropout, tf.activation, cond_net, dtype=compute_dtype,
-                                 rngs=rngs, zero_output=cfg.residual != "none")
+                                 rngs=rngs, residual=cfg.residual, queries=cfg.queries)
 
     def __call__(self, x_BxSxKx2: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
@@ -333,11 +355,13 @@ class Estimator_v4(nnx.Module):  # noqa: N801 - the original's class name
         mean_power_B = jnp.sum(jnp.square(c_Bx2xK), axis=(1, 2)) / self.num_subcarriers
         scale_Bx1x1 = jnp.sqrt(jnp.maximum(mean_power_B, jnp.finfo(jnp.float32).tiny))[:, None, None]
 
-        h_Bx2xK = self.ch_tf(c_Bx2xK / scale_Bx1x1, deterministic=deterministic, rngs=rngs) * scale_Bx1x1
+        reference_Bx2xK = None
+        if self.residual != "none":
+            ls_BxKx2 = interpolation.interpolate(x[:, 0, pilots, :], self.dmrs, self.num_subcarriers, xp=jnp)
+            reference_Bx2xK = ls_BxKx2.transpose(0, 2, 1) / scale_Bx1x1
+        h_Bx2xK = self.ch_tf(c_Bx2xK / scale_Bx1x1, reference_Bx2xK, deterministic=deterministic,
+                             rngs=rngs) * scale_Bx1x1
         h_est_BxKx2 = h_Bx2xK.transpose(0, 2, 1)
-        if self.residual == "ls_linear":
-            h_est_BxKx2 = h_est_BxKx2 + interpolation.interpolate(x[:, 0, pilots, :], self.dmrs,
-                                                                  self.num_subcarriers, xp=jnp)
         return h_est_BxKx2, zero_forcing_equalize(x, jax.lax.stop_gradient(h_est_BxKx2))
 
 

@@ -457,3 +457,10 @@ def test_residual_variant_is_refused_both_ways():
         interop.torch_state_dict_to_params({}, residual, DMRS)
     with pytest.raises(InteropError, match="residual='ls_linear'.*cannot represent"):
         interop.params_to_torch_state_dict({}, residual, DMRS)
+
+
+def test_pilot_queries_variant_is_refused_both_ways():
+    pilots = config.load(None, [*SMALL_OVERRIDES, "ch_estimation.queries=pilots"]).ch_estimation
+    for convert in (interop.torch_state_dict_to_params, interop.params_to_torch_state_dict):
+        with pytest.raises(InteropError, match="queries='pilots'.*cannot represent"):
+            convert({}, pilots, DMRS)

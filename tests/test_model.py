@@ -310,10 +310,11 @@ def _ls_linear_numpy(x_BxSxKx2, dmrs):
                     ).transpose(0, 2, 1)
 
 
-def test_residual_variant_starts_exactly_at_ls_linear_and_learns():
+@pytest.mark.parametrize("residual", ["ls_linear", "ls_linear_gated"])
+def test_residual_variant_starts_exactly_at_ls_linear_and_learns(residual):
     import optax
 
-    model = Estimator_v4(dataclasses.replace(tiny_cfg(), residual="ls_linear"), TINY_DMRS, rngs=nnx.Rngs(0))
+    model = Estimator_v4(dataclasses.replace(tiny_cfg(), residual=residual), TINY_DMRS, rngs=nnx.Rngs(0))
     x = random_input(5)
     h0, _ = model(x)
     np.testing.assert_allclose(np.asarray(h0), _ls_linear_numpy(x, TINY_DMRS), rtol=1e-6, atol=1e-6)
@@ -327,6 +328,9 @@ def test_residual_variant_starts_exactly_at_ls_linear_and_learns():
 
     grads = jax.grad(loss)(params)
     assert float(jnp.abs(grads["ch_tf"]["_linear"]["kernel"][...]).max()) > 0
+    if residual == "ls_linear_gated":  # the gate starts at zero and moves with the first step
+        assert not np.any(np.asarray(model.ch_tf._reference_gate.kernel[...]))
+        assert float(jnp.abs(grads["ch_tf"]["_reference_gate"]["kernel"][...]).max()) > 0
     tx = optax.sgd(1e-2)
     params = optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
     h1, _ = nnx.merge(graphdef, params)(x)
@@ -338,3 +342,45 @@ def test_residual_off_is_the_default_and_keeps_xavier_output():
     model = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0))
     assert tiny_cfg().residual == "none"
     assert np.any(np.asarray(model.ch_tf._linear.kernel[...]))
+
+
+def test_pilot_queries_start_each_token_from_its_own_pilots():
+    """queries=pilots: with every sublayer's output zeroed (each layer is then the identity on the residual
+    stream), the estimate is the output layer applied to embedding + _query_proj(condition token t), worked out
+    here by hand from the pilots."""
+    model = Estimator_v4(dataclasses.replace(tiny_cfg(), queries="pilots"), TINY_DMRS, rngs=nnx.Rngs(0))
+    for layer in model.ch_tf._layers:
+        for lin in (layer.mha.out_proj, layer.cond_mha.out_proj, layer.ffnn_linear2):
+            lin.kernel[...] = jnp.zeros_like(lin.kernel[...])
+            lin.bias[...] = jnp.zeros_like(lin.bias[...])
+    x = random_input(4)
+    h, _ = model(x)
+
+    xn = np.asarray(x, np.float64)
+    c = np.zeros((3, 384, 2))
+    c[:, 0:384:6, :] = xn[:, 0, 0:384:6, :]
+    scale = np.sqrt(np.sum(c**2, axis=(1, 2)) / 384)[:, None, None]
+    # condition token t: re of subcarriers 12t..12t+11, then their im
+    tokens = (c / scale).transpose(0, 2, 1).reshape(3, 2, 32, 12).transpose(0, 2, 1, 3).reshape(3, 32, 24)
+    p = lambda a: np.asarray(a[...], np.float64)  # noqa: E731
+    q = p(model.ch_tf._embedding) + tokens @ p(model.ch_tf._query_proj.kernel) + p(model.ch_tf._query_proj.bias)
+    y = q @ p(model.ch_tf._linear.kernel) + p(model.ch_tf._linear.bias)  # (B, T, channels * 12)
+    expect = y.reshape(3, 32, 2, 12).transpose(0, 2, 1, 3).reshape(3, 2, 384).transpose(0, 2, 1) * scale
+    np.testing.assert_allclose(np.asarray(h), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_pilot_queries_are_off_by_default_and_need_matching_token_counts():
+    assert tiny_cfg().queries == "learned"
+    assert not hasattr(Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0)).ch_tf, "_query_proj")
+    with pytest.raises(ValueError, match="queries=pilots.*condition tokens.*n_token = 16"):
+        Estimator_v4(dataclasses.replace(tiny_cfg(n_token=16), queries="pilots"), TINY_DMRS, rngs=nnx.Rngs(0))
+
+
+def test_gated_residual_scales_each_tokens_reference_by_one_plus_its_gate():
+    model = Estimator_v4(dataclasses.replace(tiny_cfg(), residual="ls_linear_gated"), TINY_DMRS, rngs=nnx.Rngs(0))
+    x = random_input(6)
+    ls = _ls_linear_numpy(x, TINY_DMRS)
+    model.ch_tf._reference_gate.bias[...] = jnp.full((1,), -1.0)  # gate -1: the reference is switched off
+    np.testing.assert_allclose(np.asarray(model(x)[0]), 0.0, atol=1e-6)
+    model.ch_tf._reference_gate.bias[...] = jnp.full((1,), -0.75)  # a quarter of LS + linear
+    np.testing.assert_allclose(np.asarray(model(x)[0]), 0.25 * ls, rtol=1e-5, atol=1e-6)

@@ -123,3 +123,12 @@ def test_residual_base_trains_saves_and_reloads_as_residual(tiny_cfg):
     model, saved_cfg, _ = loading.load_model(str(result.run_dir))
     assert saved_cfg.ch_estimation.residual == "ls_linear" and model.residual == "ls_linear"
     assert np.any(np.asarray(model.ch_tf._linear.kernel[...]))  # the zero-initialised output layer moved
+
+
+def test_pilot_queries_base_trains_reloads_and_refuses_the_default_model(tiny_cfg):
+    cfg = tiny_cfg("training.num_iter=4", "ch_estimation.queries=pilots", "training.loss=nmse_db")
+    result = run_training(cfg, kind="base", log=quiet, progress=False)
+    model, saved_cfg, _ = loading.load_model(str(result.run_dir))
+    assert saved_cfg.ch_estimation.queries == "pilots" and hasattr(model.ch_tf, "_query_proj")
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"ch_estimation\.queries: checkpoint 'pilots'"):
+        loading.restore_base(result.run_dir, tiny_cfg(), config_source="test")

@@ -119,6 +119,10 @@ def _require_original_function(cfg: ChEstimationConfig, what: str) -> None:
         raise InteropError(f"{what}: ch_estimation.residual={cfg.residual!r} adds the LS + linear interpolation to "
                            "the transformer's output, which the PyTorch original cannot represent; only models "
                            "with residual: none move between chest-jax and the original")
+    if cfg.queries != "learned":
+        raise InteropError(f"{what}: ch_estimation.queries={cfg.queries!r} feeds the pilots into the query tokens "
+                           "through a layer the PyTorch original does not have, so it cannot represent it; only "
+                           "models with queries: learned move between chest-jax and the original")
 
 
 def _refuse_peft_wrapped(keys: Sequence[str], source: str) -> None:

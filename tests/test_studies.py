@@ -1,0 +1,50 @@
+"""The study scripts end to end on a tiny model: benchmarks/scaling.py drives benchmarks/quality.py (train per
+budget and seed, reuse finished runs, score beside the baselines, write JSON and plots)."""
+import json
+import math
+import sys
+
+from conftest import REPO, TINY
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _study  # noqa: E402
+import quality  # noqa: E402
+import scaling  # noqa: E402
+
+COMPARE = ["compare.test_sets=[{channel_type: InF_Los, distance: 50.0, num_samples: 4},"
+           " {channel_type: RMa_Los, distance: 300.0, num_samples: 4}]",
+           "compare.distances=[50.0]", "compare.curve_samples=2", "compare.lmmse_train_samples=16",
+           "compare.baselines=[ls_linear, lmmse_pooled, lmmse_practical]"]
+
+
+def test_scaling_curve_trains_each_budget_once_and_scores_it_beside_the_baselines(tmp_path, capsys):
+    overrides = [*TINY, "training.num_iter=2", "training.evaluation_step=2", "training.model_save_step=2",
+                 "training.validation_distances=[50.0]", "training.validation_distance_samples=4",
+                 f"compare.cache_dir={tmp_path / 'cache'}", *COMPARE]
+    argv = [*overrides, "--variant", "pilots_gated_db", "--multiples", "1", "2", "--seeds", "0",
+            "--runs", str(tmp_path / "runs" / "quality"), "--out", str(tmp_path / "out")]
+    assert scaling.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    assert result["multiples"] == [1, 2] and result["training_samples"] == [2 * 8, 4 * 8]
+    assert set(result["test_sets"]) == {"InF_Los_50m", "RMa_Los_300m"}
+    for ts in result["test_sets"].values():
+        assert len(ts["nmse_db"]) == 2 and all(math.isfinite(v) for v in ts["nmse_db"])
+        assert set(ts["baselines"]) == {"ls_linear", "lmmse_pooled", "lmmse_practical"}
+    summary = json.loads((tmp_path / "runs" / "quality_x2" / "pilots_gated_db_s0" / "summary.json").read_text())
+    assert summary["steps"] == 4  # the 2x run trained twice the base's steps
+    assert all((tmp_path / "out" / f"scaling_{ts}.png").stat().st_size > 0 for ts in result["test_sets"])
+    # A second call reuses both finished runs instead of training them again.
+    capsys.readouterr()
+    assert scaling.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing the finished run") == 2 and "training base" not in out
+
+
+def test_overrides_after_a_list_option_are_not_taken_for_its_values():
+    """`--seeds 0 1 compare.curve_samples=50` once failed with "invalid int value" (argparse's nargs='+')."""
+    args = _study.parse_with_overrides(
+        quality.build_parser(), ["--seeds", "0", "1", "compare.curve_samples=50", "--seeds-for", "nmse_db=0",
+                                 "dataset.channel_type=[InF_Los, RMa_Los]"])
+    assert args.seeds == [0, 1] and args.seeds_for == ["nmse_db=0"]
+    assert args.overrides == ["compare.curve_samples=50", "dataset.channel_type=[InF_Los, RMa_Los]"]
