@@ -54,8 +54,8 @@ DIRECTIONS: dict[str, tuple] = {
                           ("RMa_Los", 300.0), ("InF_Los", 50.0)),
 }
 ARMS = ("source_base", "all_types_base", "lora_same_range", "lora_target_range", "full_finetune", "scratch",
-        "lora_r1", "lora_r2", "lora_r8", "lora_r16", "lora_attention", "lora_ffn", "lora_steps75",
-        "lora_steps150", "lora_steps300")
+        "lora_r1", "lora_r2", "lora_r8", "lora_r16", "lora_attention", "lora_ffn", "lora_steps38",
+        "lora_steps75", "lora_steps150")  # the steps arms: 1/8, 1/4 and 1/2 of the LoRA preset's 300
 
 
 def _types(types: Sequence[str]) -> str:
@@ -85,9 +85,11 @@ def arm_plan(arm: str, direction: str, seed: int, base_dirs: dict[str, Path]) ->
         n = int(arm[len("lora_steps"):])
         return "lora", lora[0], [*lora[1], f"training.num_iter={n}", f"training.num_warmup_steps={max(1, n // 12)}",
                                  f"training.evaluation_step={n}"]
-    # the controls use the LoRA preset's data and steps (600 at lr 1e-3), all parameters trained
-    lora_training = ["training.num_iter=600", "training.num_warmup_steps=50", "training.evaluation_step=300",
-                     "training.lr=1e-3"]
+    # the controls use the LoRA preset's data and steps (read from it, so the two cannot drift apart), all
+    # parameters trained
+    t = C.load(_common.REPO / lora[0]).training
+    lora_training = [f"training.num_iter={t.num_iter}", f"training.num_warmup_steps={t.num_warmup_steps}",
+                     f"training.evaluation_step={t.evaluation_step}", f"training.lr={t.lr}"]
     if arm == "full_finetune":
         return "base", "configs/quick/base.yaml", [_types(tgt_types), _range(src_range), *lora_training,
                                                     f"training.pretrained_model_name={base_dirs['source']}"]

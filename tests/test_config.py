@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+from conftest import REPO
 
 from chest_jax import config as C
 
@@ -15,14 +16,25 @@ def test_defaults_are_the_originals():
         cfg.training.lr = 1.0
 
 
-@pytest.mark.parametrize("path", ["configs/base.yaml", "configs/lora_inf.yaml", "configs/lora_rma.yaml",
-                                  "configs/quick/base.yaml", "configs/quick/lora_inf.yaml",
-                                  "configs/quick/lora_rma.yaml", "configs/quick/base_outdoor.yaml",
-                                  "configs/quick/lora_outdoor_to_inf.yaml", "configs/compare.yaml",
-                                  "configs/quick/compare.yaml"])
+SHIPPED = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+
+
+def test_every_shipped_config_is_listed():
+    assert len(SHIPPED) >= 11 and "configs/base_best.yaml" in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_configs_load(path):
-    cfg = C.load(path)
+    cfg = C.load(REPO / path)
     assert cfg.to_dict()["dataset"]["channel_type"]
+
+
+def test_best_full_size_recipe_is_the_original_run_with_the_chosen_changes_only():
+    base, best = C.load(REPO / "configs/base.yaml").to_dict(), C.load(REPO / "configs/base_best.yaml").to_dict()
+    changed = {(s, k) for s in base for k in base[s] if isinstance(base[s], dict) and base[s][k] != best[s][k]}
+    assert changed == {("ch_estimation", "queries"), ("ch_estimation", "residual"), ("training", "loss"),
+                       ("training", "saved_model_name")}
+    assert best["ch_estimation"]["queries"] == "pilots" and best["training"]["loss"] == "nmse_db"
 
 
 def test_lora_configs_have_peft_and_inherit_the_base():

@@ -420,6 +420,8 @@ def test_cli_bad_input_exits_with_one_line(tmp_path, capsys):
     assert interop.main([str(tmp_path / "absent.pt"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    with pytest.raises(InteropError):  # --debug shows the traceback instead
+        interop.main([str(tmp_path / "absent.pt"), str(tmp_path / "out"), "--debug"])
 
 
 def test_cli_imports_state_dict_and_exports_it_back(tmp_path, capsys):

@@ -48,3 +48,23 @@ def test_overrides_after_a_list_option_are_not_taken_for_its_values():
                                  "dataset.channel_type=[InF_Los, RMa_Los]"])
     assert args.seeds == [0, 1] and args.seeds_for == ["nmse_db=0"]
     assert args.overrides == ["compare.curve_samples=50", "dataset.channel_type=[InF_Los, RMa_Los]"]
+
+
+def test_transfer_controls_train_like_the_lora_preset_and_subsets_name_their_modules(tmp_path):
+    import transfer
+    from chest_jax import config as C
+
+    bases = {"source": tmp_path / "src", "all_types": tmp_path / "all"}
+    preset = C.load(REPO / "configs/quick/lora_inf.yaml").training
+    for arm in ("full_finetune", "scratch"):
+        kind, path, overrides = transfer.arm_plan(arm, "outdoor_to_indoor", 0, bases)
+        cfg = C.load(REPO / path, overrides)
+        assert kind == "base" and cfg.ch_estimation.peft is None
+        assert (cfg.training.num_iter, cfg.training.lr) == (preset.num_iter, preset.lr)
+        assert cfg.dataset.channel_type == ("InF_Los", "InF_Nlos")
+        assert (cfg.training.pretrained_model_name == str(bases["source"])) == (arm == "full_finetune")
+    for group in ("attention", "ffn"):
+        _, path, overrides = transfer.arm_plan(f"lora_{group}", "outdoor_to_indoor", 0, bases)
+        assert C.load(REPO / path, overrides).ch_estimation.peft.target_modules == C.LORA_TARGET_GROUPS[group]
+    _, path, overrides = transfer.arm_plan("lora_same_range", "outdoor_to_indoor", 0, bases)
+    assert C.load(REPO / path, overrides).dataset.distance_range == (10.0, 500.0)  # the source base's range

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chest_jax import checkpoint, lora, trees
+from chest_jax import checkpoint, errors, lora, trees
 from chest_jax import config as config_lib
 from chest_jax import model as model_lib
 from chest_jax.interop.files import InteropError, load_state_dict_file, write_state_dict_file
@@ -110,23 +110,25 @@ def _parser() -> argparse.ArgumentParser:
                         help="SRC is a chest-jax adapter; write it as a PEFT adapter directory")
     parser.add_argument("--export-torch", action="store_true",
                         help="SRC is a chest-jax model checkpoint; write the original's state dict")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 ok, 2 bad input) and prints one line either way (plus a
-    `warning: ...` line for each warning, e.g. an out_proj adapter the original applies only when merged)."""
+    `warning: ...` line for each warning, e.g. an out_proj adapter the original applies only when merged).
+    Bad input is any UserError (errors.run_cli, as in the train and compare CLIs); anything else is a bug and
+    raises with its traceback."""
     args = _parser().parse_intermixed_args(argv)
-    known_errors = (InteropError, config_lib.ConfigError, checkpoint.CheckpointError)
-    try:
+
+    def body() -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             message = _run(args)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         print(message)
-    except known_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return errors.run_cli(body, debug=args.debug)
