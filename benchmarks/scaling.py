@@ -5,11 +5,11 @@ InF_Los 50 m and RMa_Los 300 m test sets beside the classical estimators.
                                  [--base configs/quick/base.yaml] [--out results/scaling] [section.key=value ...]
 
 Each multiple m is a quality study (`benchmarks/quality.py`) of the one variant with training.num_iter = m x the
-base config's steps (same batch, warm-up and cosine schedule stretched over the longer run), its runs in
---runs (default runs/quality, shared with the quality study) for m = 1 and <runs>_x<m> for the others; finished runs are reused, so the
-long multiples can be run one at a time and an interrupted one resumes. Written into --out: scaling.json
-(per multiple: training samples, wall time of each run, test-set NMSE mean and std over seeds, the baselines)
-and scaling_<test_set>.png (NMSE against training samples on a log axis, baselines as flat lines).
+base config's steps (same batch, warm-up and cosine schedule stretched over the longer run); the runs of m = 1
+are in --runs (default runs/quality, shared with the quality study), the others in <runs>_x<m>. Finished runs
+are reused, so the long multiples can be run one at a time and an interrupted one resumes. Written into --out:
+scaling.json (per multiple: training samples, wall time of each run, test-set NMSE mean and std over seeds, the
+baselines) and scaling_<test_set>.png (NMSE against training samples on a log axis, baselines as flat lines).
 Overrides (anywhere on the line) are passed to every study.
 """
 from __future__ import annotations
