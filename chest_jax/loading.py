@@ -5,6 +5,8 @@ not training loops.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -56,10 +58,14 @@ def _model_differences(stored_cfg: config_lib.Config, cfg: config_lib.Config) ->
         b = config_lib.to_dict(getattr(cfg.ch_estimation, section))
         diffs += [f"ch_estimation.{section}.{k}: checkpoint {a[k]!r}, config {b[k]!r}"
                   for k in a if a[k] != b[k] and k != "dropout"]
-    for key in ("residual", "queries"):
-        a, b = getattr(stored_cfg.ch_estimation, key), getattr(cfg.ch_estimation, key)
+    # The model-variant keys (residual, queries, any added later): every plain field of ch_estimation; peft is
+    # checked by the adapter restore, cond and transformer above.
+    for f in dataclasses.fields(stored_cfg.ch_estimation):
+        if f.name in ("cond", "transformer", "peft"):
+            continue
+        a, b = getattr(stored_cfg.ch_estimation, f.name), getattr(cfg.ch_estimation, f.name)
         if a != b:
-            diffs.append(f"ch_estimation.{key}: checkpoint {a!r}, config {b!r}")
+            diffs.append(f"ch_estimation.{f.name}: checkpoint {a!r}, config {b!r}")
     if stored_cfg.dataset.ref_conf_dict.dmrs != cfg.dataset.ref_conf_dict.dmrs:
         diffs.append(f"dataset.ref_conf_dict.dmrs: checkpoint {list(stored_cfg.dataset.ref_conf_dict.dmrs)}, "
                      f"config {list(cfg.dataset.ref_conf_dict.dmrs)}")
