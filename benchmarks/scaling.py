@@ -1,15 +1,16 @@
 """Scaling curve: one quality-study recipe trained on 1x, 4x, 16x ... the CPU preset's samples, scored on the
 InF_Los 50 m and RMa_Los 300 m test sets beside the classical estimators.
 
-    python benchmarks/scaling.py [--variant pilots_gated_db] [--multiples 1 4 16] [--seeds 0]
+    python benchmarks/scaling.py [--variant pilots_gated_db] [--multiples 1 4 16] [--seeds 0] [--seeds-for 4=0]
                                  [--base configs/quick/base.yaml] [--out results/scaling] [section.key=value ...]
 
 Each multiple m is a quality study (`benchmarks/quality.py`) of the one variant with training.num_iter = m x the
 base config's steps (same batch, warm-up and cosine schedule stretched over the longer run); the runs of m = 1
 are in --runs (default runs/quality, shared with the quality study), the others in <runs>_x<m>. Finished runs
-are reused, so the long multiples can be run one at a time and an interrupted one resumes. Written into --out:
-scaling.json (per multiple: training samples, wall time of each run, test-set NMSE mean and std over seeds, the
-baselines) and scaling_<test_set>.png (NMSE against training samples on a log axis, baselines as flat lines).
+are reused, so the long multiples can be run one at a time and an interrupted one resumes; `--seeds-for M=S,S`
+gives one multiple its own seeds (the long ones with fewer). Written into --out: scaling.json (per multiple:
+training samples, seeds, wall time of each run, the validation score a budget would be chosen by (mean over seeds
+of the mean validation NMSE over the fixed distances), test-set NMSE mean and std over seeds, the baselines) and scaling_<test_set>.png (NMSE against training samples on a log axis, baselines as flat lines).
 Overrides (anywhere on the line) are passed to every study.
 """
 from __future__ import annotations
@@ -53,7 +54,10 @@ def collect(variant: str, multiples: Sequence[float], summaries: Sequence[dict[s
     test_sets = sorted(first["variants"][variant]["test_sets"])
     out: dict[str, Any] = {"variant": variant, "multiples": list(multiples),
                            "training_samples": [round(m * steps) * batch for m in multiples],
-                           "wall_s": [s["variants"][variant]["wall_s"] for s in summaries], "test_sets": {}}
+                           "seeds": [s["seeds"][variant] for s in summaries],
+                           "wall_s": [s["variants"][variant]["wall_s"] for s in summaries],
+                           "validation_score_db": [s["validation_score_db"][variant] for s in summaries],
+                           "test_sets": {}}
     for ts in test_sets:
         rows = [s["variants"][variant]["test_sets"][ts] for s in summaries]
         out["test_sets"][ts] = {
@@ -70,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--multiples", nargs="+", type=float, default=[1, 4, 16],
                         help="training budgets as multiples of the base config's num_iter (0.25 is allowed)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds-for", nargs="+", default=[], metavar="M=S,S",
+                        help="other seeds for one multiple, e.g. 4=0 to run the long budget with one seed")
     parser.add_argument("--base", default="configs/quick/base.yaml")
     parser.add_argument("--runs", default="runs/quality",
                         help="run directory of the 1x study (shared with quality.py); multiple m uses <runs>_x<m>")
@@ -80,13 +86,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps, batch = base_cfg.training.num_iter, base_cfg.dataset.batch_size
     if any(round(m * steps) < 1 for m in args.multiples):
         parser.error(f"--multiples {args.multiples}: each must give at least one step of the base's {steps}")
+    seeds_of = {m: list(args.seeds) for m in args.multiples}
+    for item in args.seeds_for:
+        m, _, seeds = item.partition("=")
+        try:
+            multiple, chosen = float(m), [int(x) for x in seeds.split(",")]
+        except ValueError:
+            multiple = chosen = None
+        if multiple not in seeds_of or not chosen:
+            parser.error(f"--seeds-for {item!r}: expected M=S[,S...] with M among --multiples {args.multiples}")
+        seeds_of[multiple] = chosen
     out = Path(args.out)
-    summaries = [run_multiple(args.variant, m, steps, args.seeds, args.base, args.overrides, args.runs, out)
+    summaries = [run_multiple(args.variant, m, steps, seeds_of[m], args.base, args.overrides, args.runs, out)
                  for m in args.multiples]
     result = collect(args.variant, args.multiples, summaries, steps, batch)
     files = []
     for ts, r in result["test_sets"].items():
-        series = {f"{args.variant} (seeds {args.seeds})": {"nmse_db": r["nmse_db"], "nmse_db_std": r["nmse_db_std"]}}
+        series = {f"{args.variant} (mean ± std over seeds)": {"nmse_db": r["nmse_db"],
+                                                              "nmse_db_std": r["nmse_db_std"]}}
         series.update({baselines.TITLES.get(b, b): {"nmse_db": [v] * len(args.multiples), "kind": "baseline"}
                        for b, v in r["baselines"].items()})
         files.append(plots.plot_nmse_curve(result["training_samples"], series, out / f"scaling_{ts}.png",
@@ -94,12 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            log_x=True))
     result["files"] = files
     (out / "scaling.json").write_text(json.dumps(compare.json_ready(result), indent=1, allow_nan=False))
-    print(f"\n{args.variant}: NMSE (dB) against training samples (mean ± std over seeds {args.seeds})")
+    print(f"\n{args.variant}: NMSE (dB) against training samples (mean ± std over the seeds of each multiple: "
+          f"{ {m: seeds_of[m] for m in args.multiples} })")
     for ts, r in result["test_sets"].items():
         cells = ", ".join(f"{n:,}: {m:.2f}" + (f" ± {s:.2f}" if s is not None else "")
                           for n, m, s in zip(result["training_samples"], r["nmse_db"], r["nmse_db_std"]))
         base = ", ".join(f"{b} {v:.2f}" for b, v in r["baselines"].items())
         print(f"  {ts}: {cells}   ({base})")
+    print("  validation score (mean val NMSE over the fixed distances, dB): "
+          + ", ".join(f"{n:,}: {v:.2f}" for n, v in zip(result["training_samples"], result["validation_score_db"])))
     print(f"wrote {out / 'scaling.json'}")
     return 0
 

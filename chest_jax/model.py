@@ -239,6 +239,9 @@ class Transformer(nnx.Module):
 
     cond (B, channels, length) normalized pilots -> (B, channels, length): token t's `_linear` output
     (channels * step) is split into channels rows of step = length / n_token subcarriers at t*step.
+    The two variants (both off in the original): queries="pilots" adds `_query_proj` of condition token t to
+    query token t; residual="ls_linear" adds the output to `reference` (LS + linear, normalized like cond), and
+    "ls_linear_gated" scales each token's share of the reference by 1 + `_reference_gate`(x_t) first.
     """
 
     def __init__(self, length: int, channels: int, num_layers: int, d_model: int, n_token: int, n_head: int,

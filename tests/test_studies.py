@@ -22,16 +22,18 @@ def test_scaling_curve_trains_each_budget_once_and_scores_it_beside_the_baseline
     overrides = [*TINY, "training.num_iter=2", "training.evaluation_step=2", "training.model_save_step=2",
                  "training.validation_distances=[50.0]", "training.validation_distance_samples=4",
                  f"compare.cache_dir={tmp_path / 'cache'}", *COMPARE]
-    argv = [*overrides, "--variant", "pilots_gated_db", "--multiples", "1", "2", "--seeds", "0",
+    argv = [*overrides, "--variant", "pilots_gated_db", "--multiples", "1", "2", "--seeds", "0", "--seeds-for", "2=1",
             "--runs", str(tmp_path / "runs" / "quality"), "--out", str(tmp_path / "out")]
     assert scaling.main(argv) == 0
     result = json.loads((tmp_path / "out" / "scaling.json").read_text())
     assert result["multiples"] == [1, 2] and result["training_samples"] == [2 * 8, 4 * 8]
+    assert result["seeds"] == [[0], [1]]  # --seeds-for gave the 2x budget its own seed
+    assert len(result["validation_score_db"]) == 2 and all(math.isfinite(v) for v in result["validation_score_db"])
     assert set(result["test_sets"]) == {"InF_Los_50m", "RMa_Los_300m"}
     for ts in result["test_sets"].values():
         assert len(ts["nmse_db"]) == 2 and all(math.isfinite(v) for v in ts["nmse_db"])
         assert set(ts["baselines"]) == {"ls_linear", "lmmse_pooled", "lmmse_practical"}
-    summary = json.loads((tmp_path / "runs" / "quality_x2" / "pilots_gated_db_s0" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "runs" / "quality_x2" / "pilots_gated_db_s1" / "summary.json").read_text())
     assert summary["steps"] == 4  # the 2x run trained twice the base's steps
     assert all((tmp_path / "out" / f"scaling_{ts}.png").stat().st_size > 0 for ts in result["test_sets"])
     # A second call reuses both finished runs instead of training them again.
