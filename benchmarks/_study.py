@@ -3,6 +3,7 @@ the same config, and summarise numbers over seeds."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -33,13 +34,16 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | 
 
 def train_or_reuse(cfg: C.Config, kind: str, log: Callable[[str], None]) -> tuple[Path, float | None]:
     """The run directory of `cfg` (training.output_dir / saved_model_name), trained with `kind` unless a finished
-    run with the same dataset, model and training sections is there (an interrupted one is resumed); and the
-    training wall time in seconds (recorded in its summary.json as wall_s)."""
+    run with the same dataset, model and training sections is there (training.output_dir and saved_model_name
+    aside; an interrupted one is resumed); and the training wall time in seconds (summary.json's wall_s)."""
     t = cfg.training
     run_dir = Path(t.output_dir) / t.saved_model_name
     if (run_dir / "final").is_dir():
         stored = ckpt.config_from_meta(ckpt.read_meta(run_dir / "final"), run_dir / "final")
-        if stored.replace(compare=cfg.compare) != cfg:
+        # Where a run lives and what it is called are not part of its recipe: a run directory moved or renamed
+        # (e.g. a quality run that became a scaling budget) is still the same run.
+        same_place = dict(output_dir=t.output_dir, saved_model_name=t.saved_model_name)
+        if stored.replace(compare=cfg.compare, training=dataclasses.replace(stored.training, **same_place)) != cfg:
             raise SystemExit(f"{run_dir} was trained with another config than this study asks for; delete it or "
                              "choose another --runs directory")
         log(f"{t.saved_model_name}: reusing the finished run in {run_dir}")

@@ -10,7 +10,8 @@ are in --runs (default runs/quality, shared with the quality study), the others 
 are reused, so the long multiples can be run one at a time and an interrupted one resumes; `--seeds-for M=S,S`
 gives one multiple its own seeds (the long ones with fewer). Written into --out: scaling.json (per multiple:
 training samples, seeds, wall time of each run, the validation score a budget would be chosen by (mean over seeds
-of the mean validation NMSE over the fixed distances), test-set NMSE mean and std over seeds, the baselines) and scaling_<test_set>.png (NMSE against training samples on a log axis, baselines as flat lines).
+of the mean validation NMSE over the fixed distances), test-set NMSE mean and std over seeds, the baselines)
+and scaling_<test_set>.png (NMSE against training samples on a log axis, baselines as flat lines).
 Overrides (anywhere on the line) are passed to every study.
 """
 from __future__ import annotations

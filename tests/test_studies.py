@@ -4,6 +4,8 @@ import json
 import math
 import sys
 
+import pytest
+
 from conftest import REPO, TINY
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -41,6 +43,15 @@ def test_scaling_curve_trains_each_budget_once_and_scores_it_beside_the_baseline
     assert scaling.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("reusing the finished run") == 2 and "training base" not in out
+    # Where a run lives is not part of its recipe: a moved run directory is reused; another recipe is refused.
+    moved = tmp_path / "runs" / "moved"
+    (tmp_path / "runs" / "quality").rename(moved)
+    recipe = [*overrides, "training.num_iter=2"]
+    assert quality._train("pilots_gated_db", 0, str(REPO / "configs/quick/base.yaml"), recipe, moved, print)[0] == \
+        moved / "pilots_gated_db_s0"
+    assert "reusing the finished run" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="another config"):
+        quality._train("pilots_gated_db", 0, str(REPO / "configs/quick/base.yaml"), [*recipe, "training.lr=0.5"], moved, print)
 
 
 def test_overrides_after_a_list_option_are_not_taken_for_its_values():
