@@ -121,10 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     arms = ["source_base", *[a for a in args.arms if a != "source_base"]]  # the reference of the gains first
     runs: dict[str, list[tuple[int, Path, float | None]]] = {arm: [] for arm in arms}
     for seed in args.seeds:
-        base_dirs = {"source": _study.train_or_reuse(_config(
+        source_dir, source_wall = _study.train_or_reuse(_config(
             "configs/quick/base.yaml", [_types(src_types), _range(src_range)], f"source_base_s{seed}", seed,
-            runs_dir, args.overrides), "base", log)[0]}
-        runs["source_base"].append((seed, base_dirs["source"], None))
+            runs_dir, args.overrides), "base", log)
+        base_dirs = {"source": source_dir}
+        runs["source_base"].append((seed, source_dir, source_wall))
         if "all_types_base" in arms:
             all_dir, wall = _study.train_or_reuse(_config("configs/quick/base.yaml", [], f"all_types_base_s{seed}",
                                                           seed, runs_dir, args.overrides), "base", log)

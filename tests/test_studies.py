@@ -81,3 +81,39 @@ def test_transfer_controls_train_like_the_lora_preset_and_subsets_name_their_mod
         assert C.load(REPO / path, overrides).ch_estimation.peft.target_modules == C.LORA_TARGET_GROUPS[group]
     _, path, overrides = transfer.arm_plan("lora_same_range", "outdoor_to_indoor", 0, bases)
     assert C.load(REPO / path, overrides).dataset.distance_range == (10.0, 500.0)  # the source base's range
+
+
+def test_transfer_study_scores_each_arm_against_its_own_seeds_base(tmp_path):
+    """benchmarks/transfer.py end to end on a tiny model: two seeds, the unadapted base, LoRA and full fine-tuning;
+    the paired gain is the mean over seeds of (base - arm) on the same seed, from compare's per-seed rows."""
+    import transfer
+
+    # The arms choose their own channel types and distance ranges; TINY's would override them.
+    tiny = [o for o in TINY if not o.startswith(("dataset.channel_type=", "dataset.distance_range="))]
+    overrides = [*tiny, "training.num_iter=2", "training.evaluation_step=2", "training.model_save_step=2",
+                 "training.validation_distances=[50.0]", "training.validation_distance_samples=4",
+                 f"compare.cache_dir={tmp_path / 'cache'}", "compare.distances=[50.0]", "compare.curve_samples=2",
+                 "compare.lmmse_train_samples=16", "compare.baselines=[ls_linear]"]
+    arms = ["source_base", "lora_same_range", "full_finetune"]
+    argv = [*overrides, "--seeds", "0", "1", "--arms", *arms, "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out")]
+    assert transfer.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    assert list(report["arms"]) == arms
+    assert report["test_sets"] == {"InF_Los_50m": "target", "RMa_Los_300m": "source"}
+    base, lora, full = (report["arms"][a] for a in arms)
+    assert base["trainable_params"] == 0 and full["trainable_params"] == full["total_params"]
+    assert 0 < lora["trainable_params"] < lora["total_params"]
+    assert all(report["arms"][a]["wall_s"]["n"] == 2 for a in arms)  # every run's training time, the bases' too
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for name in report["test_sets"]:
+        per_seed = {a: {r["seed"]: r["nmse_db"] for r in results["test_sets"][name]["estimators"][a]["runs"]}
+                    for a in arms}
+        assert sorted(per_seed["source_base"]) == [0, 1]
+        assert base["test_sets"][name]["paired_gain_db"] == 0.0
+        for arm in arms[1:]:
+            expected = sum(per_seed["source_base"][s] - per_seed[arm][s] for s in (0, 1)) / 2
+            got = report["arms"][arm]["test_sets"][name]
+            assert got["paired_gain_db"] == pytest.approx(expected, abs=1e-9)
+            assert got["paired_gain_se_db"] is not None and math.isfinite(got["paired_gain_se_db"])
+    assert all((tmp_path / "out" / f"nmse_vs_trainable_{n}.png").stat().st_size > 0 for n in report["test_sets"])
