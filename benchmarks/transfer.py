@@ -1,6 +1,6 @@
 """Transfer study: does LoRA on a new environment help, by how much, at what cost, beside its controls?
 
-    python benchmarks/transfer.py [--direction outdoor_to_indoor] [--seeds 0 1 2 3 4] [--arms ARM ...]
+    python benchmarks/transfer.py [--direction outdoor_to_indoor] [--seeds 0 1 2 3 4] [--arms ARM ...] [--base-steps N]
                                   [--runs runs/transfer] [--out results/transfer] [section.key=value ...]
 
 Per seed: a source-domain base (the CPU preset on the source channel types) and an all-types base (the
@@ -110,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--direction", default="outdoor_to_indoor", choices=sorted(DIRECTIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--base-steps", type=int, default=None,
+                        help="training steps of the two bases only (default: the base preset's); the arms keep "
+                             "the LoRA preset's (a training.num_iter override would reach every run)")
     parser.add_argument("--runs", default="runs/transfer")
     parser.add_argument("--out", default="results/transfer")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
@@ -117,18 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     src_types, src_range, tgt_types, _, tgt_set, src_set = DIRECTIONS[args.direction]
     runs_dir = Path(args.runs) / args.direction
+    base_steps = [] if args.base_steps is None else [f"training.num_iter={args.base_steps}"]
     start = time.perf_counter()
     arms = ["source_base", *[a for a in args.arms if a != "source_base"]]  # the reference of the gains first
     runs: dict[str, list[tuple[int, Path, float | None]]] = {arm: [] for arm in arms}
     for seed in args.seeds:
         source_dir, source_wall = _study.train_or_reuse(_config(
             "configs/quick/base.yaml", [_types(src_types), _range(src_range)], f"source_base_s{seed}", seed,
-            runs_dir, args.overrides), "base", log)
+            runs_dir, [*args.overrides, *base_steps]), "base", log)
         base_dirs = {"source": source_dir}
         runs["source_base"].append((seed, source_dir, source_wall))
         if "all_types_base" in arms:
             all_dir, wall = _study.train_or_reuse(_config("configs/quick/base.yaml", [], f"all_types_base_s{seed}",
-                                                          seed, runs_dir, args.overrides), "base", log)
+                                                          seed, runs_dir, [*args.overrides, *base_steps]), "base", log)
             runs["all_types_base"].append((seed, all_dir, wall))
         for arm in arms:
             if arm in ("source_base", "all_types_base"):

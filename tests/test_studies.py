@@ -95,9 +95,12 @@ def test_transfer_study_scores_each_arm_against_its_own_seeds_base(tmp_path):
                  f"compare.cache_dir={tmp_path / 'cache'}", "compare.distances=[50.0]", "compare.curve_samples=2",
                  "compare.lmmse_train_samples=16", "compare.baselines=[ls_linear]"]
     arms = ["source_base", "lora_same_range", "full_finetune"]
-    argv = [*overrides, "--seeds", "0", "1", "--arms", *arms, "--runs", str(tmp_path / "runs"),
+    argv = [*overrides, "--seeds", "0", "1", "--arms", *arms, "--base-steps", "3", "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out")]
     assert transfer.main(argv) == 0
+    runs = tmp_path / "runs" / "outdoor_to_indoor"
+    # --base-steps reaches the bases only; the overrides reach every run
+    assert [_study.summary_of(runs / f"{a}_s0")["steps"] for a in arms] == [3, 2, 2]
     report = json.loads((tmp_path / "out" / "transfer.json").read_text())
     assert list(report["arms"]) == arms
     assert report["test_sets"] == {"InF_Los_50m": "target", "RMa_Los_300m": "source"}
