@@ -11,11 +11,20 @@ from chest_jax.config import TrainingConfig
 
 
 def learning_rate_schedule(t: TrainingConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over num_warmup_steps, then cosine decay to 0 at num_iter; else constant."""
+    """Linear warmup from 0 to `lr` over num_warmup_steps, then (schedule "cosine") cosine decay to 0 at num_iter,
+    or ("wsd") `lr` held until the last decay_fraction of num_iter and a linear decay to 0 at num_iter; constant
+    `lr` without use_scheduler."""
     if not t.use_scheduler:
         return optax.constant_schedule(t.lr)
-    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=t.lr, warmup_steps=t.num_warmup_steps,
-                                              decay_steps=t.num_iter, end_value=0.0)
+    if t.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=t.lr, warmup_steps=t.num_warmup_steps,
+                                                  decay_steps=t.num_iter, end_value=0.0)
+    decay_start = t.num_iter - round(t.decay_fraction * t.num_iter)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, t.lr, t.num_warmup_steps),
+         optax.constant_schedule(t.lr),
+         optax.linear_schedule(t.lr, 0.0, t.num_iter - decay_start)],
+        boundaries=[t.num_warmup_steps, decay_start])
 
 
 def make_optimizer(t: TrainingConfig) -> optax.GradientTransformation:

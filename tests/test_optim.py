@@ -155,3 +155,25 @@ def test_constant_schedule_without_scheduler():
     sched = learning_rate_schedule(training("lr=0.02", "use_scheduler=false", "num_iter=50",
                                             "num_warmup_steps=10"))
     assert [float(sched(s)) for s in (0, 10, 25, 50)] == [pytest.approx(0.02, rel=1e-6)] * 4
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_zero():
+    lr, warmup, num_iter = 2e-3, 10, 100  # decay_fraction 0.2: the decay covers steps 80..100
+    sched = learning_rate_schedule(training(f"lr={lr}", f"num_warmup_steps={warmup}", f"num_iter={num_iter}",
+                                            "use_scheduler=true", "schedule=wsd", "decay_fraction=0.2"))
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(lr / 2, rel=1e-6)
+    for s in (10, 45, 80):  # held at lr from the end of the warmup to the start of the decay
+        assert float(sched(s)) == pytest.approx(lr, rel=1e-6)
+    assert float(sched(90)) == pytest.approx(lr / 2, rel=1e-6)
+    assert float(sched(95)) == pytest.approx(lr / 4, rel=1e-6)
+    assert float(sched(num_iter)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_wsd_schedule_refuses_a_warmup_and_decay_longer_than_the_run():
+    with pytest.raises(C.ConfigError, match="decay_fraction"):
+        training("num_iter=100", "num_warmup_steps=90", "schedule=wsd", "decay_fraction=0.2")
+    with pytest.raises(C.ConfigError, match="decay_fraction"):
+        training("decay_fraction=0")
+    # the default cosine schedule ignores decay_fraction's budget check
+    assert training("num_iter=100", "num_warmup_steps=90", "decay_fraction=0.2").schedule == "cosine"
