@@ -8,7 +8,8 @@
 #      105 s on an H200, most of it compilation), with achieved TFLOP/s and the data share of the step;
 #   4. a short full-config training run at batch 32, which must reach the stated validation NMSE (its steady
 #      samples/s is the batch-32 training figure).
-# Measured on one NVIDIA H200 (jax 0.11.2, 2026-12-04): about 6 minutes in all; README "Benchmarks" has the figures.
+# On one NVIDIA H200 (jax 0.11.2, 2026-12-04) its steps took 11 + 53 + 2 x 106 + 68 s, about 6 minutes (timed
+# separately: the script as it is now has not been rerun whole); README "Benchmarks" has the figures.
 # Everything goes to $OUT (default results/gpu_check): logs, the benchmark JSON files and summary.json.
 #     bash benchmarks/gpu_check.sh            # PYTHON=python3 OUT=results/gpu_check by default
 # A dry run of the script itself on a CPU (to catch a broken step before spending GPU time on it):
