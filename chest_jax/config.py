@@ -201,6 +201,11 @@ class TrainingConfig:
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 100  # with nan_policy=skip: stop after this many non-finite steps
 
+    @property
+    def wsd_decay_steps(self) -> int:
+        """The steps of the wsd schedule's final linear decay: decay_fraction of num_iter, rounded."""
+        return round(self.decay_fraction * self.num_iter)
+
 
 @dataclass(frozen=True)
 class TestSetConfig:
@@ -430,7 +435,7 @@ def _validate_training(t: TrainingConfig, source: str) -> None:
            t.num_warmup_steps, f"must be in [0, num_iter={t.num_iter})")
     _check(0 < t.decay_fraction <= 1, source, "training.decay_fraction", t.decay_fraction, "must be in (0, 1]")
     if t.use_scheduler and t.schedule == "wsd":
-        decay_steps = round(t.decay_fraction * t.num_iter)
+        decay_steps = t.wsd_decay_steps
         _check(t.num_warmup_steps + decay_steps <= t.num_iter, source, "training.num_warmup_steps",
                t.num_warmup_steps, f"with schedule wsd, warmup plus the decay ({decay_steps} steps = decay_fraction "
                f"{t.decay_fraction} x num_iter) must fit in num_iter={t.num_iter}: lower one of them")

@@ -19,12 +19,11 @@ def learning_rate_schedule(t: TrainingConfig) -> optax.Schedule:
     if t.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=t.lr, warmup_steps=t.num_warmup_steps,
                                                   decay_steps=t.num_iter, end_value=0.0)
-    decay_start = t.num_iter - round(t.decay_fraction * t.num_iter)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, t.lr, t.num_warmup_steps),
          optax.constant_schedule(t.lr),
-         optax.linear_schedule(t.lr, 0.0, t.num_iter - decay_start)],
-        boundaries=[t.num_warmup_steps, decay_start])
+         optax.linear_schedule(t.lr, 0.0, t.wsd_decay_steps)],
+        boundaries=[t.num_warmup_steps, t.num_iter - t.wsd_decay_steps])
 
 
 def make_optimizer(t: TrainingConfig) -> optax.GradientTransformation:
