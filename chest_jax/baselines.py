@@ -4,6 +4,10 @@ Each maps the received frame (symbol 0's DMRS REs already divided by the pilot) 
 (B, K) on the K used subcarriers:
 
   ls_linear        LS at the pilots, linear interpolation over subcarriers (edge pilots held).
+  lmmse_robust     LMMSE of the robust design: a power-delay profile uniform over the cyclic prefix, the noise
+                   and the channel power estimated from the pilots (`chest_jax.references`); knows only the frame.
+  lmmse_adaptive   the same with the power-delay profile chosen per sample by maximum likelihood among uniform and
+                   exponential shapes (`chest_jax.references`); knows only the frame.
   dft_ls           DFT-based LS: the pilots' LS estimates to the delay domain, the taps within the cyclic prefix
                    kept, back to every subcarrier (a noise reduction by the share of delay bins dropped).
   lmmse_genie      frequency-domain LMMSE with the sample's true PDP, path loss and noise power: a bound no
@@ -14,9 +18,10 @@ Each maps the received frame (symbol 0's DMRS REs already divided by the pilot) 
   lmmse_pooled     the same with the correlation pooled over the whole training mix (`dataset.channel_type`): a
                    receiver that knows no more than the base model.
 
-Side information: ls_linear and dft_ls need none (they run on the original's test files too); the two
-practical LMMSEs need a correlation (`training_correlation`) and the noise variance (known to a receiver: the
-test set's, or the frame's `FrameSpec.noise_power_mw`); lmmse_genie needs the true taps of a generated set.
+Side information: ls_linear, lmmse_robust, lmmse_adaptive and dft_ls need none (they run on the original's test
+files too); the two practical LMMSEs need a correlation (`training_correlation`) and the noise variance (known to
+a receiver: the test set's, or the frame's `FrameSpec.noise_power_mw`); lmmse_genie needs the true taps of a
+generated set.
 Units: complex amplitudes in sqrt(mW), noise variances in mW per RE, delays in ns.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chest_jax import config as config_lib
-from chest_jax import channel_response, interpolation, ofdm, testsets
+from chest_jax import channel_response, ofdm, references, testsets
 from chest_jax.config import Config
 from chest_jax.metrics import to_complex
 
@@ -47,8 +52,22 @@ def pilot_observations(inputs_BxSxKx2: Any, spec: ofdm.FrameSpec) -> np.ndarray:
 
 def ls_linear(inputs_BxSxKx2: Any, spec: ofdm.FrameSpec) -> np.ndarray:
     """LS at the DMRS pilots, linearly interpolated over the subcarriers (edge pilots held, see
-    `chest_jax.interpolation`): complex (B, K)."""
-    return interpolation.interpolate(pilot_observations(inputs_BxSxKx2, spec), spec.dmrs, spec.num_used)
+    `chest_jax.references`): complex (B, K)."""
+    return references.interpolate(pilot_observations(inputs_BxSxKx2, spec), spec.dmrs, spec.num_used)
+
+
+def lmmse_robust(inputs_BxSxKx2: Any, spec: ofdm.FrameSpec) -> np.ndarray:
+    """The robust LMMSE of `chest_jax.references` (uniform PDP over the CP, statistics from the pilots):
+    complex (B, K)."""
+    return references.robust_lmmse(pilot_observations(inputs_BxSxKx2, spec), spec.dmrs, spec.num_used,
+                                   spec.cp_fraction)
+
+
+def lmmse_adaptive(inputs_BxSxKx2: Any, spec: ofdm.FrameSpec) -> np.ndarray:
+    """The adaptive LMMSE of `chest_jax.references` (per-sample maximum-likelihood choice of the power-delay
+    profile's shape, statistics from the pilots): complex (B, K)."""
+    return references.adaptive_lmmse(pilot_observations(inputs_BxSxKx2, spec), spec.dmrs, spec.num_used,
+                                     spec.cp_fraction)
 
 
 @functools.lru_cache(maxsize=8)
@@ -235,6 +254,10 @@ def _practical(batch: Any, spec: ofdm.FrameSpec, prepared: PracticalLMMSE, noise
 
 REGISTRY: dict[str, Baseline] = {b.name: b for b in (
     Baseline("ls_linear", "LS + linear interp.", lambda batch, spec, _r, _s: ls_linear(batch.inputs, spec)),
+    Baseline("lmmse_robust", "LMMSE (robust, uniform PDP)",
+             lambda batch, spec, _r, _s: lmmse_robust(batch.inputs, spec)),
+    Baseline("lmmse_adaptive", "LMMSE (adaptive PDP)",
+             lambda batch, spec, _r, _s: lmmse_adaptive(batch.inputs, spec)),
     Baseline("dft_ls", "DFT-based LS", lambda batch, spec, _r, _s: dft_ls(batch.inputs, spec)),
     Baseline("lmmse_genie", "LMMSE (true PDP)", lambda batch, spec, _r, _s: lmmse_genie(batch, spec),
              needs_taps=True),

@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from chest_jax import references
 from chest_jax.errors import UserError
 
 SCENARIOS = ("InF", "InH", "RMa", "UMa", "UMi")
@@ -29,7 +30,8 @@ LORA_TARGETS = ("mha_q_proj", "mha_k_proj", "mha_v_proj", "out_proj", "ffnn_line
 # Named subsets of LORA_TARGETS (the transfer study's target-module arms).
 LORA_TARGET_GROUPS = {"attention": LORA_TARGETS[:4], "ffn": LORA_TARGETS[4:], "all": LORA_TARGETS}
 # The classical estimators compare.py can score (implemented in chest_jax.baselines, which checks it has each).
-BASELINES = ("ls_linear", "dft_ls", "lmmse_genie", "lmmse_practical", "lmmse_pooled")
+BASELINES = ("ls_linear", "lmmse_robust", "lmmse_adaptive", "dft_ls", "lmmse_genie", "lmmse_practical",
+             "lmmse_pooled")
 # The frame generator draws each QAM dimension's level from 8 bits of one random word (ofdm.py).
 MAX_QAM_ORDER = 4 ** 8
 
@@ -110,6 +112,12 @@ class DatasetConfig:
     def num_used_subcarriers(self) -> int:
         return self.fft_size - self.num_guard_subcarriers
 
+    @property
+    def cp_fraction(self) -> float:
+        """The cyclic prefix as a fraction of the OFDM symbol (cp_length ns x subcarrier_spacing kHz x 1e-6):
+        the delay range a channel may occupy, in the units `chest_jax.references` works in."""
+        return self.cp_length * self.subcarrier_spacing * 1e-6
+
 
 @dataclass(frozen=True)
 class CondConfig:
@@ -146,12 +154,17 @@ class ChEstimationConfig:
     cond: CondConfig = field(default_factory=CondConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     peft: Optional[PeftConfig] = None
-    # chest-jax variant, off by default: "ls_linear" makes the transformer predict a correction added to the LS +
-    # linear interpolation of the pilots (its output layer zero-initialised, so training starts at LS). The
-    # PyTorch original cannot represent it (export refuses it).
-    # "ls_linear_gated": the same, each token's share of LS + linear scaled by 1 + a learned gate of its state
-    # (zero-initialised too), so the model can turn the noisy reference down at low SNR.
-    residual: Literal["none", "ls_linear", "ls_linear_gated"] = "none"
+    # chest-jax variant, off by default: "add" makes the transformer predict a correction added to a classical
+    # estimate of the pilots (`reference`), its output layer zero-initialised, so training starts exactly at that
+    # estimate; "gated" the same with each token's share of the reference also scaled by 1 + a learned gate of
+    # its state (zero-initialised too), so the model can turn a noisy reference down at low SNR. The PyTorch
+    # original cannot represent either (export refuses them).
+    residual: Literal["none", "add", "gated"] = "none"
+    # What a residual variant corrects (chest_jax.references, the baselines of the same names): "ls_linear" (LS +
+    # linear interpolation), "lmmse_robust" (LMMSE with a uniform power-delay profile over the cyclic prefix) or
+    # "lmmse_adaptive" (LMMSE with the profile chosen per sample by maximum likelihood). The two LMMSEs estimate the
+    # noise from the pilots, and with them the correction is made in units of the estimated noise amplitude.
+    reference: Literal["ls_linear", "lmmse_robust", "lmmse_adaptive"] = "ls_linear"
     # chest-jax variant, off by default: "pilots" starts each query token from its own condition token (the
     # pilots of the same subcarriers, through a learned Linear `_query_proj`) added to the learned embedding, so
     # the local pilots reach the output without passing through a softmax mixture (the original's learned
@@ -466,6 +479,13 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     naming the key, the value and what is allowed."""
     _validate_dataset(cfg.dataset, source)
     _validate_model(cfg.ch_estimation, cfg.dataset.num_used_subcarriers, source)
+    m = cfg.ch_estimation
+    _check(m.reference == "ls_linear" or m.residual != "none", source, "ch_estimation.reference", m.reference,
+           "it names what a residual variant corrects: set ch_estimation.residual (add or gated) too, or leave "
+           "reference at ls_linear")
+    if m.residual != "none" and m.reference.startswith("lmmse"):
+        problem = references.lmmse_problem(tuple(cfg.dataset.ref_conf_dict.dmrs), cfg.dataset.cp_fraction)
+        _check(problem is None, source, "ch_estimation.reference", m.reference, problem or "")
     _validate_training(cfg.training, source)
     _validate_compare(cfg.compare, source)
     return cfg

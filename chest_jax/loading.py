@@ -28,7 +28,7 @@ def compute_dtype(cfg: config_lib.Config):
 def new_model(cfg: config_lib.Config, key: jax.Array) -> Estimator_v4:
     """A freshly initialised plain `Estimator_v4` (LoRA leaves are added by `apply_lora`)."""
     return Estimator_v4(cfg.ch_estimation, cfg.dataset.ref_conf_dict.dmrs, rngs=nnx.Rngs(params=key),
-                        compute_dtype=compute_dtype(cfg))
+                        compute_dtype=compute_dtype(cfg), cp_fraction=cfg.dataset.cp_fraction)
 
 
 def model_params(model: nnx.Module) -> dict:
@@ -43,7 +43,7 @@ def set_params(model: nnx.Module, params: Any) -> None:
 
 
 def abstract_base_params(cfg: config_lib.Config) -> dict:
-    return abstract_params(cfg.ch_estimation, cfg.dataset.ref_conf_dict.dmrs)
+    return abstract_params(cfg.ch_estimation, cfg.dataset.ref_conf_dict.dmrs, cp_fraction=cfg.dataset.cp_fraction)
 
 
 def abstract_model_params(model: nnx.Module) -> dict:

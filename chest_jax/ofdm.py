@@ -133,6 +133,11 @@ class FrameSpec:
         return len(range(*self.dmrs))
 
     @property
+    def cp_fraction(self) -> float:
+        """The cyclic prefix as a fraction of the symbol (the config's `DatasetConfig.cp_fraction`)."""
+        return self.cp_ns * self.spacing_hz * 1e-9
+
+    @property
     def samples_per_ns(self) -> float:
         """Sample rate in samples per ns (a delay in ns times this is a delay in samples)."""
         return self.sample_rate_hz * 1e-9

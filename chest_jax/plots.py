@@ -157,3 +157,34 @@ def plot_nmse_vs_trainable(points: Sequence[Mapping[str, Any]], path: str | Path
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_gains(entries: Sequence[Mapping[str, Any]], path: str | Path, title: str,
+               threshold_db: Optional[float] = None) -> str:
+    """Horizontal bars of each arm's gain (dB, positive = better than the reference) with its standard error as the
+    error bar, so a gain can be told from seed noise at a glance. entries: dicts with `label`, `gain_db`,
+    optional `gain_se_db` and `trainable_params` (printed beside the label). threshold_db, when given, is drawn
+    as a dashed line (e.g. a study's target gain)."""
+    entries = [e for e in entries if e.get("gain_db") is not None]
+    fig = Figure(figsize=(8.0, 0.45 * len(entries) + 1.6))
+    ax = fig.subplots()
+    y = np.arange(len(entries))[::-1]
+    gains = [float(e["gain_db"]) for e in entries]
+    errors = [float(e.get("gain_se_db") or 0.0) for e in entries]
+    colors = ["tab:green" if g - 2 * s > 0 else "tab:red" if g + 2 * s < 0 else "0.6" for g, s in zip(gains, errors)]
+    ax.barh(y, gains, xerr=errors, color=colors, edgecolor="black", capsize=4)
+    for yi, g, s in zip(y, gains, errors):
+        ax.annotate(f"{g:+.2f} ± {s:.2f}", (g, yi), xytext=(4 if g >= 0 else -4, 0), textcoords="offset points",
+                    ha="left" if g >= 0 else "right", va="center", fontsize=8)
+    labels = [e["label"] + (f" ({e['trainable_params']:,} trained)" if e.get("trainable_params") else "")
+              for e in entries]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.axvline(0.0, color="black", lw=0.8)
+    if threshold_db is not None:
+        ax.axvline(threshold_db, color="black", lw=1.0, ls="--", label=f"target {threshold_db:+g} dB")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("gain in dB (positive = better), ± standard error; green / red: more than 2 standard errors")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from chest_jax import channels, distributed, losses, ofdm, plots, runlog
+from chest_jax import baselines, channels, distributed, losses, ofdm, plots, runlog
 from chest_jax.rundir import TrainingError, prepare_run_dir
 from chest_jax.validation import Validation, make_eval_fn
 from chest_jax import checkpoint as ckpt
@@ -266,7 +266,8 @@ class _Loop:
                                      extra={"name": t.saved_model_name, "val_nmse_db": val_db,
                                             **self.origin.meta()}, overwrite=True)
         ckpt.write_json_atomic(self.run_dir / "summary.json", {
-            "kind": self.kind, "steps": self.step, **self.val, "final": str(final_path),
+            "kind": self.kind, "steps": self.step, **self.val, "validation_references": self.validation.references,
+            "final": str(final_path),
             "adapter": str(adapter_path) if adapter_path else None, "trainable_params": n_train,
             "total_params": n_total})
         self.log(f"final model: {final_path}" + (f"; adapter: {adapter_path}" if adapter_path else "")
@@ -377,6 +378,8 @@ def run_training(cfg: config_lib.Config, *, kind: str, resume: bool = False, ove
     validation = Validation(cfg, spec, keys["validation"], make_eval_fn(setup.graphdef))
     metrics_log = runlog.MetricsLog(run_dir, cfg, log)
     log(f"run directory: {run_dir}  (devices: {mesh.size} x {jax.devices()[0].platform})")
+    for name, record in validation.references.items():
+        log(f"reference {baselines.TITLES[name]}: {validation.describe(record)}")
     end = t.num_iter if stop_after is None else min(t.num_iter, stop_after)
     loop = _Loop(cfg, kind, run_dir, state, frozen, setup.graphdef, checkpoints, setup.origin, validation,
                  metrics_log, runlog.progress(setup.start, t.num_iter, progress, log), log)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from chest_jax import config
+from chest_jax import config, references
 from chest_jax.model import Estimator_v4, abstract_params, param_count, positional_encoding_sine, zero_forcing_equalize
 
 TINY_DMRS = (0, 384, 6)
+TINY_CP = config.DatasetConfig().cp_fraction  # the default 590 ns CP at 120 kHz: 0.0708 of the symbol
 
 
 def tiny_cfg(**transformer):
@@ -310,14 +311,49 @@ def _ls_linear_numpy(x_BxSxKx2, dmrs):
                     ).transpose(0, 2, 1)
 
 
-@pytest.mark.parametrize("residual", ["ls_linear", "ls_linear_gated"])
-def test_residual_variant_starts_exactly_at_ls_linear_and_learns(residual):
+def _lmmse_robust_numpy(x_BxSxKx2, dmrs):
+    """The robust LMMSE written out as its formula: a direct solve of R_KP (R_PP + (sigma^2 / rho) I)^-1 y, with
+    R[k, k'] the mean of exp(-2j pi (k - k') t) over delays t uniform on [0, TINY_CP) (numerical quadrature),
+    sigma^2 from the Hann-windowed pilots' delay bins beyond the CP, rho = mean |y|^2 - sigma^2 (floored at 30 dB
+    below mean |y|^2: this random input is noise-like, so the floor is met)."""
+    pilots = np.arange(*dmrs)
+    y = np.asarray(x_BxSxKx2, np.float64)[:, 0, pilots, 0] + 1j * np.asarray(x_BxSxKx2, np.float64)[:, 0, pilots, 1]
+    k = np.arange(x_BxSxKx2.shape[2])
+    t = (np.arange(4000) + 0.5) / 4000 * TINY_CP  # midpoint rule over the CP
+    R_KxP = np.mean(np.exp(-2j * np.pi * (k[:, None, None] - pilots[None, :, None]) * t), axis=-1)
+    P = pilots.size
+    first = int(np.ceil(TINY_CP * dmrs[2] * P)) + references.NOISE_GUARD_BINS
+    w = np.hanning(P + 2)[1:-1]
+    w = w / np.sqrt(np.mean(w**2))
+    sigma2 = P * np.mean(np.abs(np.fft.ifft(y * w, axis=1)[:, first: P - references.NOISE_GUARD_BINS]) ** 2, axis=1)
+    received = np.mean(np.abs(y) ** 2, axis=1)
+    rho = np.maximum(received - sigma2, 1e-3 * received)
+    h = np.stack([R_KxP @ np.linalg.solve(R_KxP[pilots] + s2 / r * np.eye(P), yb) for yb, s2, r in zip(y, sigma2, rho)])
+    return np.stack([h.real, h.imag], axis=-1)
+
+
+def _lmmse_adaptive_numpy(x_BxSxKx2, dmrs):
+    """The adaptive LMMSE through the baseline's numpy code (tested against its formula in test_evaluate)."""
+    pilots = np.asarray(x_BxSxKx2, np.float64)[:, 0, np.arange(*dmrs)]
+    h = references.adaptive_lmmse(pilots[..., 0] + 1j * pilots[..., 1], dmrs, x_BxSxKx2.shape[2], TINY_CP)
+    return np.stack([h.real, h.imag], axis=-1)
+
+
+_REFERENCES = {"ls_linear": _ls_linear_numpy, "lmmse_robust": _lmmse_robust_numpy,
+               "lmmse_adaptive": _lmmse_adaptive_numpy}
+
+
+@pytest.mark.parametrize("residual,reference", [("add", "ls_linear"), ("gated", "ls_linear"), ("add", "lmmse_robust"),
+                                                ("gated", "lmmse_robust"), ("gated", "lmmse_adaptive")])
+def test_residual_variant_starts_exactly_at_its_reference_and_learns(residual, reference):
     import optax
 
-    model = Estimator_v4(dataclasses.replace(tiny_cfg(), residual=residual), TINY_DMRS, rngs=nnx.Rngs(0))
+    cfg = dataclasses.replace(tiny_cfg(), residual=residual, reference=reference)
+    model = Estimator_v4(cfg, TINY_DMRS, rngs=nnx.Rngs(0), cp_fraction=TINY_CP)
     x = random_input(5)
     h0, _ = model(x)
-    np.testing.assert_allclose(np.asarray(h0), _ls_linear_numpy(x, TINY_DMRS), rtol=1e-6, atol=1e-6)
+    reference = _REFERENCES[reference](x, TINY_DMRS)
+    np.testing.assert_allclose(np.asarray(h0), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
     # Its output layer is zero-initialised, the rest as in the default model, and a gradient step leaves LS.
     assert not np.any(np.asarray(model.ch_tf._linear.kernel[...]))
     target = jax.random.normal(jax.random.key(9), h0.shape)
@@ -328,7 +364,7 @@ def test_residual_variant_starts_exactly_at_ls_linear_and_learns(residual):
 
     grads = jax.grad(loss)(params)
     assert float(jnp.abs(grads["ch_tf"]["_linear"]["kernel"][...]).max()) > 0
-    if residual == "ls_linear_gated":  # the gate starts at zero and moves with the first step
+    if residual == "gated":  # the gate starts at zero and moves with the first step
         assert not np.any(np.asarray(model.ch_tf._reference_gate.kernel[...]))
         assert float(jnp.abs(grads["ch_tf"]["_reference_gate"]["kernel"][...]).max()) > 0
     tx = optax.sgd(1e-2)
@@ -336,6 +372,15 @@ def test_residual_variant_starts_exactly_at_ls_linear_and_learns(residual):
     h1, _ = nnx.merge(graphdef, params)(x)
     assert float(jnp.abs(h1 - h0).max()) > 1e-4
     assert float(loss(params)) < float(loss(nnx.state(model, nnx.Param)))
+
+
+def test_lmmse_residual_needs_the_cyclic_prefix_and_noise_bins():
+    cfg = dataclasses.replace(tiny_cfg(), residual="add", reference="lmmse_robust")
+    with pytest.raises(ValueError, match="needs the cyclic prefix: pass cp_fraction"):
+        Estimator_v4(cfg, TINY_DMRS, rngs=nnx.Rngs(0))
+    # A CP of 19% of the symbol leaves no delay bins beyond it for the noise estimate (pilot period 1/6 symbol).
+    with pytest.raises(ValueError, match="lmmse_robust: .*leave 0 such bins.*dmrs.*or the ls_linear reference"):
+        Estimator_v4(cfg, TINY_DMRS, rngs=nnx.Rngs(0), cp_fraction=0.6 / 6 * 1.9)
 
 
 def test_residual_off_is_the_default_and_keeps_xavier_output():
@@ -377,7 +422,7 @@ def test_pilot_queries_are_off_by_default_and_need_matching_token_counts():
 
 
 def test_gated_residual_scales_each_tokens_reference_by_one_plus_its_gate():
-    model = Estimator_v4(dataclasses.replace(tiny_cfg(), residual="ls_linear_gated"), TINY_DMRS, rngs=nnx.Rngs(0))
+    model = Estimator_v4(dataclasses.replace(tiny_cfg(), residual="gated"), TINY_DMRS, rngs=nnx.Rngs(0))
     x = random_input(6)
     ls = _ls_linear_numpy(x, TINY_DMRS)
     model.ch_tf._reference_gate.bias[...] = jnp.full((1,), -1.0)  # gate -1: the reference is switched off

@@ -120,3 +120,4 @@ def test_transfer_study_scores_each_arm_against_its_own_seeds_base(tmp_path):
             assert got["paired_gain_db"] == pytest.approx(expected, abs=1e-9)
             assert got["paired_gain_se_db"] is not None and math.isfinite(got["paired_gain_se_db"])
     assert all((tmp_path / "out" / f"nmse_vs_trainable_{n}.png").stat().st_size > 0 for n in report["test_sets"])
+    assert all((tmp_path / "out" / f"gains_{n}.png").stat().st_size > 0 for n in report["test_sets"])

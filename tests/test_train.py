@@ -106,7 +106,7 @@ def test_wandb_without_network_falls_back_to_offline(tiny_cfg, monkeypatch, tmp_
     assert (result.run_dir / "final").is_dir()
 
 
-@pytest.mark.parametrize("change", ["ch_estimation.transformer.n_head=4", "ch_estimation.residual=ls_linear",
+@pytest.mark.parametrize("change", ["ch_estimation.transformer.n_head=4", "ch_estimation.residual=add",
                                     "ch_estimation.transformer.activation=gelu"])
 def test_base_restore_refuses_settings_that_change_the_function_but_not_the_shapes(tiny_cfg, change):
     """n_head, the activation and the residual variant leave every parameter shape alone: a strict structure
@@ -118,11 +118,21 @@ def test_base_restore_refuses_settings_that_change_the_function_but_not_the_shap
 
 
 def test_residual_base_trains_saves_and_reloads_as_residual(tiny_cfg):
-    cfg = tiny_cfg("training.num_iter=4", "ch_estimation.residual=ls_linear", "training.loss=nmse_db")
+    cfg = tiny_cfg("training.num_iter=4", "ch_estimation.residual=gated", "ch_estimation.reference=lmmse_adaptive",
+                   "training.loss=nmse_db")
     result = run_training(cfg, kind="base", log=quiet, progress=False)
     model, saved_cfg, _ = loading.load_model(str(result.run_dir))
-    assert saved_cfg.ch_estimation.residual == "ls_linear" and model.residual == "ls_linear"
+    assert (saved_cfg.ch_estimation.residual, saved_cfg.ch_estimation.reference) == ("gated", "lmmse_adaptive")
+    assert (model.residual, model.reference) == ("gated", "lmmse_adaptive")
     assert np.any(np.asarray(model.ch_tf._linear.kernel[...]))  # the zero-initialised output layer moved
+    # a base trained on one reference does not restore as a model of another (same shapes, other function)
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"ch_estimation\.reference"):
+        loading.restore_base(result.run_dir, tiny_cfg("ch_estimation.residual=gated"), config_source="test")
+    # the summary records what the run is read against: the pilot-only estimators on the same validation sets
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    refs = summary["validation_references"]
+    assert set(refs) == {"ls_linear", "lmmse_robust", "lmmse_adaptive"}
+    assert set(refs["ls_linear"]) == {k for k in summary if k.startswith("val_")}
 
 
 def test_pilot_queries_base_trains_reloads_and_refuses_the_default_model(tiny_cfg):

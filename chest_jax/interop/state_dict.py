@@ -116,9 +116,9 @@ def _require_original_function(cfg: ChEstimationConfig, what: str) -> None:
                            f"config has ch_estimation.transformer.activation={cfg.transformer.activation!r}; "
                            "set it to relu")
     if cfg.residual != "none":
-        raise InteropError(f"{what}: ch_estimation.residual={cfg.residual!r} adds the LS + linear interpolation to "
-                           "the transformer's output, which the PyTorch original cannot represent; only models "
-                           "with residual: none move between chest-jax and the original")
+        raise InteropError(f"{what}: ch_estimation.residual={cfg.residual!r} adds a classical estimate "
+                           f"({cfg.reference}) to the transformer's output, which the PyTorch original cannot "
+                           "represent; only models with residual: none move between chest-jax and the original")
     if cfg.queries != "learned":
         raise InteropError(f"{what}: ch_estimation.queries={cfg.queries!r} feeds the pilots into the query tokens "
                            "through a layer the PyTorch original does not have, so it cannot represent it; only "
