@@ -148,8 +148,11 @@ def lmmse_filter(dmrs: tuple[int, int, int], num_used: int, cp_fraction: float,
     """
     _check(dmrs, cp_fraction)
     pilots = np.arange(*dmrs)
-    k = np.arange(num_used)
-    r_kp_KxP = pdp_correlation(k[:, None] - pilots[None, :], cp_fraction, mean_delay)
+    offsets_KxP = np.arange(num_used)[:, None] - pilots[None, :]
+    # The correlation depends on the offset only: evaluate it once per distinct offset, then gather.
+    lowest = int(offsets_KxP.min())
+    r_O = pdp_correlation(np.arange(lowest, int(offsets_KxP.max()) + 1), cp_fraction, mean_delay)
+    r_kp_KxP = r_O[offsets_KxP - lowest]
     r_pp_PxP = r_kp_KxP[pilots]
     eigval_P, eigvec_PxP = np.linalg.eigh((r_pp_PxP + r_pp_PxP.conj().T) / 2)
     prepared = LMMSEFilter(np.maximum(eigval_P, 0.0), eigvec_PxP, r_kp_KxP @ eigvec_PxP)
