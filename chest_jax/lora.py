@@ -68,6 +68,13 @@ class LoRALinear(Linear):
         delta = (x_lora.astype(y.dtype) @ self.lora_A[...].astype(y.dtype)) @ self.lora_B[...].astype(y.dtype)
         return y + delta * jnp.asarray(self.scaling, y.dtype)
 
+    def affine(self) -> tuple[jax.Array, jax.Array] | None:
+        """(merged kernel, bias) while the adapter's dropout is off; None while it is on (the map then differs per
+        element, so it cannot be folded into the next projection)."""
+        if _DROPOUT_KEYS.get().get(id(self)) is not None:
+            return None
+        return self.merged_kernel(), self.bias[...]
+
     def merged_kernel(self) -> jax.Array:
         """kernel + (lora_alpha / r) lora_A lora_B, (in, out) float32."""
         delta = jnp.matmul(self.lora_A[...], self.lora_B[...], precision=jax.lax.Precision.HIGHEST)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,22 @@ class Linear(nnx.Linear):
                  bias_init: nnx.Initializer = jax.nn.initializers.zeros):
         super().__init__(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
                          kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+    def affine(self) -> tuple[jax.Array, jax.Array] | None:
+        """(kernel (in, out), bias (out,)) float32 of the map this layer applies now, or None when it is not a
+        fixed affine map (a LoRA layer with dropout active): what `MultiheadAttention` folds into its own
+        projection."""
+        return self.kernel[...], self.bias[...]
+
+
+class LinearInput(NamedTuple):
+    """An attention input given as `linear(x) + offset` (offset broadcast over the batch, or None), so that
+    `MultiheadAttention` can fold `linear` into its own projection: x (W1 W2) + ((b1 + offset) W2 + b2) costs one
+    matmul per token instead of two, forward and backward, and is the same map (float rounding aside)."""
+
+    x: jax.Array
+    linear: Linear
+    offset: jax.Array | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,14 +150,31 @@ class MultiheadAttention(nnx.Module):
         self.out_proj = Linear(embed_dim, embed_dim, kernel_init=torch_linear_default_init, dtype=dtype,
                                rngs=rngs)
 
-    def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, *, deterministic: bool = True,
+    def _project(self, inp: jax.Array | LinearInput, weight: jax.Array, bias: jax.Array) -> jax.Array:
+        """inp @ weight + bias in the compute dtype; a `LinearInput` whose layer is a fixed affine map is folded
+        in (the d x d weight product in float32 at full precision, so the GPU's TF32 default cannot touch it)."""
+        cd = self.dtype
+        if isinstance(inp, LinearInput):
+            affine = inp.linear.affine()
+            if affine is not None:
+                kernel, first_bias = affine
+                offset = first_bias if inp.offset is None else first_bias + inp.offset
+                w = jnp.matmul(kernel, weight, precision=jax.lax.Precision.HIGHEST)
+                b = jnp.matmul(offset, weight, precision=jax.lax.Precision.HIGHEST) + bias
+                return inp.x.astype(cd) @ w.astype(cd) + b.astype(cd)
+            first = inp.linear(inp.x)
+            inp = first if inp.offset is None else first + inp.offset.astype(first.dtype)
+        return inp.astype(cd) @ weight.astype(cd) + bias.astype(cd)
+
+    def __call__(self, query: jax.Array | LinearInput, key: jax.Array | LinearInput,
+                 value: jax.Array | LinearInput, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         cd = self.dtype
         d, h = self.embed_dim, self.num_heads
-        b_q, b_k, b_v = jnp.split(self.in_proj_bias[...].astype(cd), 3)
-        q_BxQxD = query.astype(cd) @ self.q_proj_weight[...].astype(cd) + b_q
-        k_BxKxD = key.astype(cd) @ self.k_proj_weight[...].astype(cd) + b_k
-        v_BxKxD = value.astype(cd) @ self.v_proj_weight[...].astype(cd) + b_v
+        b_q, b_k, b_v = jnp.split(self.in_proj_bias[...], 3)
+        q_BxQxD = self._project(query, self.q_proj_weight[...], b_q)
+        k_BxKxD = self._project(key, self.k_proj_weight[...], b_k)
+        v_BxKxD = self._project(value, self.v_proj_weight[...], b_v)
         batch, n_q, n_k = q_BxQxD.shape[0], q_BxQxD.shape[1], k_BxKxD.shape[1]
         heads = lambda x, n: x.reshape(batch, n, h, d // h).transpose(0, 2, 1, 3)  # noqa: E731
         q_BxHxQxE = heads(q_BxQxD * jnp.asarray(1.0 / math.sqrt(d // h), cd), n_q)
@@ -218,14 +251,15 @@ class TransformerLayer(nnx.Module):
         pe_TxD = jnp.asarray(positional_encoding_sine(self.n_token, self.d_model))
         cond_pe_CxE = jnp.asarray(positional_encoding_sine(self.cond_n_token, self.cond_d_model))
 
+        # mha_*_proj and the attention's own input projections are two affine maps in a row; the attention folds
+        # them into one (LinearInput).
         n = self.norm1(x_BxTxD)
-        q, k, v = self.mha_q_proj(n), self.mha_k_proj(n), self.mha_v_proj(n)
-        attn = self.mha(q + pe_TxD.astype(q.dtype), k + pe_TxD.astype(k.dtype), v, **kw)
+        attn = self.mha(LinearInput(n, self.mha_q_proj, pe_TxD), LinearInput(n, self.mha_k_proj, pe_TxD),
+                        LinearInput(n, self.mha_v_proj), **kw)
         x_BxTxD = x_BxTxD + self.dropout1(attn, **kw).astype(jnp.float32)
 
         n = self.norm2(x_BxTxD)
-        q_cond = self.mha_q_proj(n)
-        attn = self.cond_mha(q_cond + pe_TxD.astype(q_cond.dtype), cond_BxCxE + cond_pe_CxE, cond_BxCxE, **kw)
+        attn = self.cond_mha(LinearInput(n, self.mha_q_proj, pe_TxD), cond_BxCxE + cond_pe_CxE, cond_BxCxE, **kw)
         x_BxTxD = x_BxTxD + self.dropout2(attn, **kw).astype(jnp.float32)
 
         n = self.norm3(x_BxTxD)

@@ -139,16 +139,21 @@ def test_uniform_pdp_correlation_is_the_mean_phase_over_delays_uniform_on_the_cp
     np.testing.assert_allclose(references.uniform_pdp_correlation(offsets, c), expected, atol=1e-6)
 
 
+def _pilot_set(tiny_cfg, channel_type, distance, num_samples, seed):
+    """(spec, arrays, pilot LS estimates (B, P)) of a tiny-frame test set of one type at one distance."""
+    cfg = tiny_cfg(f"dataset.channel_type=[{channel_type}]")
+    ds = testsets.single_type_dataset(cfg, channel_type, (distance, distance))
+    arr = testsets.generate_samples(ds, "test", num_samples, jax.random.PRNGKey(seed), full=False)
+    spec = ofdm.FrameSpec.from_config(cfg.dataset)
+    return spec, arr, baselines.pilot_observations(arr["inputs"], spec)
+
+
 @pytest.mark.parametrize("distance", [10.0, 300.0])
 def test_noise_variance_estimate_from_beyond_the_cp_is_unbiased_at_high_and_low_snr(tiny_cfg, distance):
     """The pilot-domain bins beyond the CP hold only noise: their mean power, over a batch, is the true noise
     variance within its sampling error, also at 10 m where the channel is ~30 dB above the noise and its leakage
     (without the window: several times the noise) would dominate."""
-    cfg = tiny_cfg("dataset.channel_type=[RMa_Los]")
-    ds = testsets.single_type_dataset(cfg, "RMa_Los", (distance, distance))
-    arr = testsets.generate_samples(ds, "test", 64, jax.random.PRNGKey(0), full=False)
-    spec = ofdm.FrameSpec.from_config(cfg.dataset)
-    y = baselines.pilot_observations(arr["inputs"], spec)
+    spec, arr, y = _pilot_set(tiny_cfg, "RMa_Los", distance, 64, 0)
     noise = references.estimate_noise_variance(y, spec.dmrs, spec.cp_fraction)
     first, last = references._noise_bin_range(spec.dmrs, spec.cp_fraction)
     # each bin's power is a chi-square with 2 degrees of freedom: relative std 1 / sqrt(bins x samples)
@@ -161,12 +166,8 @@ def test_noise_variance_estimate_from_beyond_the_cp_is_unbiased_at_high_and_low_
 
 
 def test_robust_lmmse_equals_the_direct_solve_and_beats_ls(tiny_cfg):
-    cfg = tiny_cfg("dataset.channel_type=[InF_Los]")
-    ds = testsets.single_type_dataset(cfg, "InF_Los", (100.0, 100.0))
-    arr = testsets.generate_samples(ds, "test", 32, jax.random.PRNGKey(1), full=False)
-    spec = ofdm.FrameSpec.from_config(cfg.dataset)
+    spec, arr, y = _pilot_set(tiny_cfg, "InF_Los", 100.0, 32, 1)
     got = baselines.lmmse_robust(arr["inputs"], spec)
-    y = baselines.pilot_observations(arr["inputs"], spec)
     pilots = spec.dmrs_index
     R = references.uniform_pdp_correlation(np.arange(spec.num_used)[:, None] - pilots[None, :], spec.cp_fraction)
     sigma2 = references.estimate_noise_variance(y, spec.dmrs, spec.cp_fraction)
@@ -191,11 +192,7 @@ def test_exponential_pdp_correlation_is_the_mean_phase_under_that_profile():
 def test_adaptive_lmmse_applies_the_most_likely_profile_and_beats_the_robust_one(tiny_cfg):
     """Per sample: the profile j maximising the Gaussian likelihood of the pilots, log N(y; 0, rho (R_j + s I)),
     computed here densely (slogdet and solve), and that profile's LMMSE solved directly."""
-    cfg = tiny_cfg("dataset.channel_type=[RMa_Los]")
-    ds = testsets.single_type_dataset(cfg, "RMa_Los", (150.0, 150.0))
-    arr = testsets.generate_samples(ds, "test", 24, jax.random.PRNGKey(4), full=False)
-    spec = ofdm.FrameSpec.from_config(cfg.dataset)
-    y = baselines.pilot_observations(arr["inputs"], spec)
+    spec, arr, y = _pilot_set(tiny_cfg, "RMa_Los", 150.0, 24, 4)
     got = baselines.lmmse_adaptive(arr["inputs"], spec)
     pilots = spec.dmrs_index
     offsets = np.arange(spec.num_used)[:, None] - pilots[None, :]

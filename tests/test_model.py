@@ -429,3 +429,30 @@ def test_gated_residual_scales_each_tokens_reference_by_one_plus_its_gate():
     np.testing.assert_allclose(np.asarray(model(x)[0]), 0.0, atol=1e-6)
     model.ch_tf._reference_gate.bias[...] = jnp.full((1,), -0.75)  # a quarter of LS + linear
     np.testing.assert_allclose(np.asarray(model(x)[0]), 0.25 * ls, rtol=1e-5, atol=1e-6)
+
+
+def test_folded_input_projections_compute_what_the_two_layers_in_a_row_compute(tiny_model, monkeypatch):
+    """mha_*_proj followed by the attention's own projection is folded into one matmul (LinearInput): outputs and
+    every parameter's gradient equal those of applying the two layers one after the other (Linear.affine None
+    forces that path), in eval and in training mode with the same dropout keys."""
+    from chest_jax import model as model_lib
+
+    x = random_input(8)
+    graphdef, params = nnx.split(tiny_model, nnx.Param)
+
+    def run(p, deterministic):
+        h, _ = nnx.merge(graphdef, p)(x, deterministic=deterministic, rngs=nnx.Rngs(dropout=jax.random.key(3)))
+        return h
+
+    def loss(p):
+        return jnp.mean(jnp.square(run(p, False)))
+
+    folded = (run(params, True), run(params, False), jax.grad(loss)(params))
+    monkeypatch.setattr(model_lib.Linear, "affine", lambda self: None)
+    chained = (run(params, True), run(params, False), jax.grad(loss)(params))
+    for i, (a, b) in enumerate(zip(folded, chained)):
+        # one tolerance per output or gradient tree: some gradients are zero in exact arithmetic (the key bias:
+        # softmax ignores a constant added to every logit) and only rounding noise in either path
+        scale = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(b))
+        for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(la), np.asarray(lb), rtol=1e-4, atol=1e-6 * scale, err_msg=str(i))
