@@ -8,6 +8,8 @@ Each maps the received frame (symbol 0's DMRS REs already divided by the pilot) 
                    and the channel power estimated from the pilots (`chest_jax.references`); knows only the frame.
   lmmse_adaptive   the same with the power-delay profile chosen per sample by maximum likelihood among uniform and
                    exponential shapes (`chest_jax.references`); knows only the frame.
+  lmmse_pdp        the same with the power-delay profile estimated per sample from the pilots' periodogram in
+                   delay boxes over the CP (`chest_jax.references`); knows only the frame.
   dft_ls           DFT-based LS: the pilots' LS estimates to the delay domain, the taps within the cyclic prefix
                    kept, back to every subcarrier (a noise reduction by the share of delay bins dropped).
   lmmse_genie      frequency-domain LMMSE with the sample's true PDP, path loss and noise power: a bound no
@@ -18,7 +20,7 @@ Each maps the received frame (symbol 0's DMRS REs already divided by the pilot) 
   lmmse_pooled     the same with the correlation pooled over the whole training mix (`dataset.channel_type`): a
                    receiver that knows no more than the base model.
 
-Side information: ls_linear, lmmse_robust, lmmse_adaptive and dft_ls need none (they run on the original's test
+Side information: ls_linear, the three pilot-only LMMSEs and dft_ls need none (they run on the original's test
 files too); the two practical LMMSEs need a correlation (`training_correlation`) and the noise variance (known to
 a receiver: the test set's, or the frame's `FrameSpec.noise_power_mw`); lmmse_genie needs the true taps of a
 generated set.
@@ -61,6 +63,13 @@ def lmmse_robust(inputs_BxSxKx2: Any, spec: ofdm.FrameSpec) -> np.ndarray:
     complex (B, K)."""
     return references.robust_lmmse(pilot_observations(inputs_BxSxKx2, spec), spec.dmrs, spec.num_used,
                                    spec.cp_fraction)
+
+
+def lmmse_pdp(inputs_BxSxKx2: Any, spec: ofdm.FrameSpec) -> np.ndarray:
+    """The LMMSE with a per-sample power-delay profile estimated from the pilots (`chest_jax.references`):
+    complex (B, K)."""
+    return references.pdp_lmmse(pilot_observations(inputs_BxSxKx2, spec), spec.dmrs, spec.num_used,
+                                spec.cp_fraction)
 
 
 def lmmse_adaptive(inputs_BxSxKx2: Any, spec: ofdm.FrameSpec) -> np.ndarray:
@@ -258,6 +267,8 @@ REGISTRY: dict[str, Baseline] = {b.name: b for b in (
              lambda batch, spec, _r, _s: lmmse_robust(batch.inputs, spec)),
     Baseline("lmmse_adaptive", "LMMSE (adaptive PDP)",
              lambda batch, spec, _r, _s: lmmse_adaptive(batch.inputs, spec)),
+    Baseline("lmmse_pdp", "LMMSE (PDP from the pilots)",
+             lambda batch, spec, _r, _s: lmmse_pdp(batch.inputs, spec)),
     Baseline("dft_ls", "DFT-based LS", lambda batch, spec, _r, _s: dft_ls(batch.inputs, spec)),
     Baseline("lmmse_genie", "LMMSE (true PDP)", lambda batch, spec, _r, _s: lmmse_genie(batch, spec),
              needs_taps=True),

@@ -30,8 +30,8 @@ LORA_TARGETS = ("mha_q_proj", "mha_k_proj", "mha_v_proj", "out_proj", "ffnn_line
 # Named subsets of LORA_TARGETS (the transfer study's target-module arms).
 LORA_TARGET_GROUPS = {"attention": LORA_TARGETS[:4], "ffn": LORA_TARGETS[4:], "all": LORA_TARGETS}
 # The classical estimators compare.py can score (implemented in chest_jax.baselines, which checks it has each).
-BASELINES = ("ls_linear", "lmmse_robust", "lmmse_adaptive", "dft_ls", "lmmse_genie", "lmmse_practical",
-             "lmmse_pooled")
+BASELINES = ("ls_linear", "lmmse_robust", "lmmse_adaptive", "lmmse_pdp", "dft_ls", "lmmse_genie",
+             "lmmse_practical", "lmmse_pooled")
 # The frame generator draws each QAM dimension's level from 8 bits of one random word (ofdm.py).
 MAX_QAM_ORDER = 4 ** 8
 

@@ -219,7 +219,7 @@ def test_cli_scores_original_format_test_files(tmp_path):
     assert list(data["test_sets"]) == ["inf50"] and data["curves"] == {}
     estimators = data["test_sets"]["inf50"]["estimators"]
     # the baselines that need no scenario correlation and no taps
-    assert set(estimators) == {"m", "ls_linear", "lmmse_robust", "lmmse_adaptive", "dft_ls", "lmmse_pooled"}
+    assert set(estimators) == {"m", "ls_linear", "lmmse_robust", "lmmse_adaptive", "lmmse_pdp", "dft_ls", "lmmse_pooled"}
     assert data["test_sets"]["inf50"]["source"].startswith("file:")
     spec = ofdm.FrameSpec.from_config(cfg.dataset)
     direct = metrics.nmse_db(metrics.nmse_per_sample(generated.arrays["h"],

@@ -218,6 +218,50 @@ def test_adaptive_lmmse_applies_the_most_likely_profile_and_beats_the_robust_one
     assert metrics.nmse_db(metrics.nmse_per_sample(arr["h"], got)) < robust_db - 0.5
 
 
+def test_box_lmmse_is_the_lmmse_of_its_box_profile_and_equal_boxes_are_the_robust_one(tiny_cfg):
+    spec, arr, y = _pilot_set(tiny_cfg, "InF_Los", 100.0, 6, 2)
+    basis = references.delay_box_basis(spec.dmrs, spec.num_used, spec.cp_fraction)
+    boxes = basis.bins_per_box.size
+    sigma2 = references.estimate_noise_variance(y, spec.dmrs, spec.cp_fraction)
+    s = sigma2 / (np.mean(np.abs(y) ** 2, axis=1) - sigma2)
+    equal = references.box_lmmse(y, np.full((len(y), boxes), 1.0 / boxes), basis, s)
+    assert _rel_err(equal, baselines.lmmse_robust(arr["inputs"], spec)) < 1e-2
+    # any profile: the dense LMMSE whose correlation is the profile's mix of uniform boxes, in closed form
+    pdp = np.random.default_rng(0).dirichlet(np.ones(boxes), size=len(y))
+    edges = np.linspace(0, spec.cp_fraction, boxes + 1)
+    pilots = spec.dmrs_index
+    offsets = np.arange(spec.num_used)[:, None] - pilots[None, :]
+
+    def box(lo, hi):  # E exp(-2j pi o t), t uniform on [lo, hi)
+        x = 2 * np.pi * np.where(offsets == 0, 1, offsets)
+        return np.where(offsets == 0, 1, (np.exp(-1j * x * lo) - np.exp(-1j * x * hi)) / (1j * x * (hi - lo)))
+
+    R_boxes = [box(edges[m], edges[m + 1]) for m in range(boxes)]
+    direct = []
+    for b in range(len(y)):
+        R = sum(p * Rm for p, Rm in zip(pdp[b], R_boxes))
+        direct.append(R @ np.linalg.solve(R[pilots] + s[b] * np.eye(len(pilots)), y[b]))
+    # to the basis's truncation and quadrature (2e-4 of the correlation), which the solve amplifies a little
+    assert _rel_err(references.box_lmmse(y, pdp, basis, s), np.array(direct)) < 3e-3
+
+
+def test_estimated_pdp_finds_a_single_tap_and_lmmse_pdp_beats_the_adaptive_lmmse(tiny_cfg):
+    spec, arr, y = _pilot_set(tiny_cfg, "RMa_Los", 100.0, 24, 3)
+    basis = references.delay_box_basis(spec.dmrs, spec.num_used, spec.cp_fraction)
+    # one tap at the centre of box 2, 30 dB above the noise: the profile puts nearly all its power there
+    boxes = basis.bins_per_box.size
+    delay = (2.5 / boxes) * spec.cp_fraction
+    rng = np.random.default_rng(1)
+    tap = np.exp(-2j * np.pi * spec.dmrs_index * delay)[None, :]
+    noisy = tap + 10 ** (-30 / 20) * (rng.normal(size=(4, tap.size)) + 1j * rng.normal(size=(4, tap.size))) / np.sqrt(2)
+    pdp = references.estimate_pdp(noisy, spec.dmrs, spec.cp_fraction, basis)
+    np.testing.assert_allclose(pdp.sum(axis=1), 1.0)
+    assert np.all(pdp[:, 2] > 0.9), pdp
+    adaptive_db = metrics.nmse_db(metrics.nmse_per_sample(arr["h"], baselines.lmmse_adaptive(arr["inputs"], spec)))
+    pdp_db = metrics.nmse_db(metrics.nmse_per_sample(arr["h"], baselines.lmmse_pdp(arr["inputs"], spec)))
+    assert pdp_db < adaptive_db, (pdp_db, adaptive_db)
+
+
 def test_robust_lmmse_refuses_pilots_that_leave_no_noise_bins():
     # 16 pilots every 6 subcarriers of a 256-FFT with a 40% CP: the pilot period (1/6 symbol) is inside the CP
     with pytest.raises(ValueError, match="leave 0 such bins.*dmrs"):
