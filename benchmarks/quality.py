@@ -36,13 +36,16 @@ from chest_jax import config as C  # noqa: E402
 # Recipes as config overrides on top of --base, each naming every key it is about (so a change of the preset's
 # defaults does not change what a variant means). "original" trains as the original did.
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "original": ("training.loss=nmse", "ch_estimation.residual=none", "ch_estimation.queries=learned"),
-    "nmse_db": ("training.loss=nmse_db", "ch_estimation.residual=none", "ch_estimation.queries=learned"),
+    "original": ("training.loss=nmse", "ch_estimation.residual=none", "ch_estimation.reference=ls_linear",
+                 "ch_estimation.queries=learned"),
+    "nmse_db": ("training.loss=nmse_db", "ch_estimation.residual=none", "ch_estimation.reference=ls_linear",
+                "ch_estimation.queries=learned"),
     "residual": ("ch_estimation.residual=add", "ch_estimation.reference=ls_linear", "training.loss=nmse",
                  "ch_estimation.queries=learned"),
     "residual_db": ("ch_estimation.residual=add", "ch_estimation.reference=ls_linear", "training.loss=nmse_db",
                     "ch_estimation.queries=learned"),
-    "pilots_db": ("ch_estimation.queries=pilots", "ch_estimation.residual=none", "training.loss=nmse_db"),
+    "pilots_db": ("ch_estimation.queries=pilots", "ch_estimation.residual=none", "ch_estimation.reference=ls_linear",
+                  "training.loss=nmse_db"),
     "pilots_residual_db": ("ch_estimation.queries=pilots", "ch_estimation.residual=add",
                            "ch_estimation.reference=ls_linear", "training.loss=nmse_db"),
     "pilots_gated_db": ("ch_estimation.queries=pilots", "ch_estimation.residual=gated",
@@ -59,6 +62,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
                            "ch_estimation.reference=lmmse_adaptive", "training.loss=nmse_db"),
     "pilots_adaptive_gated_db": ("ch_estimation.queries=pilots", "ch_estimation.residual=gated",
                                  "ch_estimation.reference=lmmse_adaptive", "training.loss=nmse_db"),
+    "pilots_pdp_gated_db": ("ch_estimation.queries=pilots", "ch_estimation.residual=gated",
+                            "ch_estimation.reference=lmmse_pdp", "training.loss=nmse_db"),
 }
 
 

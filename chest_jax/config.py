@@ -161,10 +161,12 @@ class ChEstimationConfig:
     # original cannot represent either (export refuses them).
     residual: Literal["none", "add", "gated"] = "none"
     # What a residual variant corrects (chest_jax.references, the baselines of the same names): "ls_linear" (LS +
-    # linear interpolation), "lmmse_robust" (LMMSE with a uniform power-delay profile over the cyclic prefix) or
-    # "lmmse_adaptive" (LMMSE with the profile chosen per sample by maximum likelihood). The two LMMSEs estimate the
-    # noise from the pilots, and with them the correction is made in units of the estimated noise amplitude.
-    reference: Literal["ls_linear", "lmmse_robust", "lmmse_adaptive"] = "ls_linear"
+    # linear interpolation), "lmmse_robust" (LMMSE with a uniform power-delay profile over the cyclic prefix),
+    # "lmmse_adaptive" (LMMSE with the profile chosen per sample by maximum likelihood) or "lmmse_pdp" (LMMSE with
+    # the profile estimated per sample from the pilots' periodogram; one Cholesky solve per sample, the costliest).
+    # The LMMSEs estimate the noise from the pilots, and with them the correction is made in units of the
+    # estimated noise amplitude.
+    reference: Literal["ls_linear", "lmmse_robust", "lmmse_adaptive", "lmmse_pdp"] = "ls_linear"
     # chest-jax variant, off by default: "pilots" starts each query token from its own condition token (the
     # pilots of the same subcarriers, through a learned Linear `_query_proj`) added to the learned embedding, so
     # the local pilots reach the output without passing through a softmax mixture (the original's learned

@@ -436,7 +436,8 @@ class Estimator_v4(nnx.Module):  # noqa: N801 - the original's class name
         return h_est_BxKx2, zero_forcing_equalize(x, jax.lax.stop_gradient(h_est_BxKx2))
 
 
-_LMMSE_REFERENCES = {"lmmse_robust": references.robust_lmmse, "lmmse_adaptive": references.adaptive_lmmse}
+_LMMSE_REFERENCES = {"lmmse_robust": references.robust_lmmse, "lmmse_adaptive": references.adaptive_lmmse,
+                     "lmmse_pdp": references.pdp_lmmse}
 
 
 def zero_forcing_equalize(y_BxSxKx2: jax.Array, h_BxKx2: jax.Array) -> jax.Array:

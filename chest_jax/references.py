@@ -11,7 +11,7 @@ of the same name (`chest_jax.baselines`, numpy) and the references that the resi
                   family (uniform, or exponential with one of ADAPTIVE_MEAN_DELAYS): the pilots tell a short
                   channel from a long one, and the filter of a short one averages the noise over more subcarriers.
   lmmse_pdp       the same, with the power-delay profile estimated per sample: the pilots' periodogram, less its
-                  noise, in up to PDP_BOXES delay boxes over the CP (numpy only: one R x R solve per sample).
+                  noise, in up to PDP_BOXES delay boxes over the CP (one R x R solve per sample).
 
 Subcarriers outside the pilot range (below the first or beyond the last pilot, e.g. the last 5 of 3072 with
 dmrs range(0, 3072, 6)) take the nearest edge pilot's value in ls_linear (held, not extrapolated):
@@ -326,45 +326,60 @@ def delay_box_basis(dmrs: tuple[int, int, int], num_used: int, cp_fraction: floa
     return basis
 
 
-def estimate_pdp(pilots_BxP, dmrs: tuple[int, int, int], cp_fraction: float, basis: DelayBoxBasis) -> np.ndarray:
+def estimate_pdp(pilots_BxP, dmrs: tuple[int, int, int], cp_fraction: float, basis: DelayBoxBasis, xp=np):
     """(B, boxes) power-delay profile from the pilots alone, summing to 1 per sample: each box's periodogram (the
     Hann-windowed pilot-domain IDFT's power over its bins, in units of a noise-only bin's mean power) less the
-    noise it holds (its bin count), floored at _PDP_FLOOR of the mean box power."""
+    noise it holds (its bin count), floored at _PDP_FLOOR of the mean box power; numpy or jax.numpy."""
+    rdtype = np.float64 if xp is np else np.float32
     first, last = _noise_bin_range(dmrs, cp_fraction)
     num_pilots = basis.box_of_bin.size
     window_P = np.hanning(num_pilots + 2)[1:-1]
-    power_BxP = np.square(np.abs(np.fft.ifft(pilots_BxP * (window_P / np.sqrt(np.mean(window_P ** 2))), axis=1)))
-    power_BxP = power_BxP / np.maximum(np.mean(power_BxP[:, first:last], axis=1, keepdims=True),
-                                       np.finfo(np.float64).tiny)
+    window_P = xp.asarray(window_P / np.sqrt(np.mean(window_P ** 2)), dtype=rdtype)
+    power_BxP = xp.square(xp.abs(xp.fft.ifft(pilots_BxP * window_P[None, :], axis=1)))
+    power_BxP = power_BxP / xp.maximum(xp.mean(power_BxP[:, first:last], axis=1, keepdims=True),
+                                       np.finfo(rdtype).tiny)
     num_boxes = basis.bins_per_box.size
-    assign_PxM = (basis.box_of_bin[:, None] == np.arange(num_boxes)[None, :]).astype(np.float64)
+    assign_PxM = xp.asarray(basis.box_of_bin[:, None] == np.arange(num_boxes)[None, :], dtype=rdtype)
     periodogram_BxM = power_BxP @ assign_PxM
-    pdp_BxM = np.maximum(periodogram_BxM - basis.bins_per_box[None, :], 0.0) \
-        + _PDP_FLOOR * periodogram_BxM.sum(axis=1, keepdims=True) / num_boxes
-    return pdp_BxM / np.maximum(pdp_BxM.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    pdp_BxM = xp.maximum(periodogram_BxM - xp.asarray(basis.bins_per_box, dtype=rdtype)[None, :], 0.0) \
+        + _PDP_FLOOR * xp.sum(periodogram_BxM, axis=1, keepdims=True) / num_boxes
+    return pdp_BxM / xp.maximum(xp.sum(pdp_BxM, axis=1, keepdims=True), np.finfo(rdtype).tiny)
 
 
-def box_lmmse(pilots_BxP, pdp_BxM, basis: DelayBoxBasis, relative_noise_B) -> np.ndarray:
+def box_lmmse(pilots_BxP, pdp_BxM, basis: DelayBoxBasis, relative_noise_B, xp=np):
     """Complex pilot LS estimates (B, P) -> (B, K): the LMMSE of a channel whose power-delay profile puts
-    pdp[b, m] (non-negative, summing to 1) in box m of `basis`, at relative noise sigma^2 / rho.
+    pdp[b, m] (non-negative, summing to 1) in box m of `basis`, at relative noise sigma^2 / rho; numpy
+    (complex128, LU solve) or jax.numpy (complex64, Cholesky: the system is Hermitian positive definite).
 
     With R = F D F^H, D = diag(pdp[box]), push-through gives H = F D^(1/2) (D^(1/2) G D^(1/2) + s I)^-1
-    D^(1/2) F_P^H y, G = F_P^H F_P: one R x R Hermitian solve per sample (R = the basis's factor count, 416 on
+    D^(1/2) F_P^H y, G = F_P^H F_P: one R x R Hermitian solve per sample (R = the basis's factor count, 384 on
     the default frame). Equal powers give the robust LMMSE up to the basis's truncation.
     """
-    root_d_BxR = np.sqrt(np.maximum(pdp_BxM[:, basis.box_R], 0.0))
-    z_BxR = pilots_BxP @ basis.f_pilots_PxR.conj()
-    system_BxRxR = root_d_BxR[:, :, None] * basis.gram_RxR[None] * root_d_BxR[:, None, :] \
-        + np.asarray(relative_noise_B)[:, None, None] * np.eye(basis.box_R.size)[None]
-    c_BxR = np.linalg.solve(system_BxRxR, (root_d_BxR * z_BxR)[:, :, None])[..., 0]
-    return (root_d_BxR * c_BxR) @ basis.f_KxR.T
+    cdtype = np.complex128 if xp is np else np.complex64
+    rank = basis.box_R.size
+    root_d_BxR = xp.sqrt(xp.maximum(pdp_BxM[:, basis.box_R], 0.0)).astype(cdtype)
+    z_BxR = pilots_BxP @ xp.asarray(basis.f_pilots_PxR.conj(), dtype=cdtype)
+    system_BxRxR = root_d_BxR[:, :, None] * xp.asarray(basis.gram_RxR, dtype=cdtype)[None] \
+        * root_d_BxR[:, None, :] + relative_noise_B[:, None, None].astype(cdtype) * xp.eye(rank, dtype=cdtype)[None]
+    rhs_BxRx1 = (root_d_BxR * z_BxR)[:, :, None]
+    if xp is np:
+        c_BxR = np.linalg.solve(system_BxRxR, rhs_BxRx1)[..., 0]
+    else:
+        import jax.scipy.linalg as jsl
+
+        c_BxR = jsl.cho_solve(jsl.cho_factor(system_BxRxR, lower=True), rhs_BxRx1)[..., 0]
+    return (root_d_BxR * c_BxR) @ xp.asarray(basis.f_KxR.T, dtype=cdtype)
 
 
-def pdp_lmmse(pilots_BxP, dmrs: tuple[int, int, int], num_used: int, cp_fraction: float) -> np.ndarray:
-    """Complex pilot LS estimates (B, P) -> (B, K), numpy: the LMMSE with the power-delay profile of
-    `estimate_pdp` and the noise statistics of `robust_lmmse`."""
+def pdp_lmmse(pilots_BxP, dmrs: tuple[int, int, int], num_used: int, cp_fraction: float, xp=np, noise_B=None):
+    """Complex pilot LS estimates (B, P) -> (B, K): the LMMSE with the power-delay profile of `estimate_pdp`
+    and the noise statistics of `robust_lmmse` (`noise_B` as there); numpy or jax.numpy."""
     dmrs, cp_fraction = tuple(int(v) for v in dmrs), float(cp_fraction)
     basis = delay_box_basis(dmrs, int(num_used), cp_fraction)
-    pilots_BxP = np.asarray(pilots_BxP, np.complex128)
-    relative_noise_B, _ = _relative_noise(pilots_BxP, estimate_noise_variance(pilots_BxP, dmrs, cp_fraction), np)
-    return box_lmmse(pilots_BxP, estimate_pdp(pilots_BxP, dmrs, cp_fraction, basis), basis, relative_noise_B)
+    if xp is np:
+        pilots_BxP = np.asarray(pilots_BxP, np.complex128)
+    if noise_B is None:
+        noise_B = estimate_noise_variance(pilots_BxP, dmrs, cp_fraction, xp)
+    relative_noise_B, _ = _relative_noise(pilots_BxP, noise_B, xp)
+    return box_lmmse(pilots_BxP, estimate_pdp(pilots_BxP, dmrs, cp_fraction, basis, xp), basis, relative_noise_B,
+                     xp)

@@ -32,8 +32,8 @@ class Validation:
     A mixed set of `validation_size` samples over the training mix and distance range (its mean per-sample NMSE in
     dB, the original's figure, is `val_nmse_db`) and, per `validation_distances` entry, a set at that fixed distance
     (`val_nmse_db_<d>m`), so a run's log shows the high-SNR end the mixed figure hides. `references` holds the
-    same record for the classical estimators that need nothing but the pilots (LS + linear, and the robust and
-    adaptive LMMSEs where the pilot layout allows them), scored once: the bar a run's numbers are read against.
+    same record for the classical estimators that need nothing but the pilots (LS + linear, and the three pilot-only
+    LMMSEs where the pilot layout allows them), scored once: the bar a run's numbers are read against.
     """
 
     def __init__(self, cfg: config_lib.Config, spec: ofdm.FrameSpec, key: jax.Array, eval_fn: Callable):
@@ -47,7 +47,7 @@ class Validation:
             self.at_distance = {dist: fixed(jax.random.fold_in(key, i + 1), bank, np.asarray([dist, dist]))
                                 for i, dist in enumerate(t.validation_distances)}
         names = ["ls_linear"] + ([] if references.lmmse_problem(spec.dmrs, spec.cp_fraction)
-                                 else ["lmmse_robust", "lmmse_adaptive"])
+                                 else ["lmmse_robust", "lmmse_adaptive", "lmmse_pdp"])
         self.references = {name: self._record(lambda batch, name=name: nmse_per_sample(
             batch.h, baselines.REGISTRY[name].estimate(batch, spec, None, None))) for name in names}
 

@@ -32,8 +32,8 @@ def test_shipped_configs_load(path):
 def test_best_full_size_recipe_is_the_original_run_with_the_chosen_changes_only():
     base, best = C.load(REPO / "configs/base.yaml").to_dict(), C.load(REPO / "configs/base_best.yaml").to_dict()
     changed = {(s, k) for s in base for k in base[s] if isinstance(base[s], dict) and base[s][k] != best[s][k]}
-    assert changed == {("ch_estimation", "queries"), ("ch_estimation", "residual"), ("training", "loss"),
-                       ("training", "saved_model_name")}
+    assert changed == {("ch_estimation", "queries"), ("ch_estimation", "residual"), ("ch_estimation", "reference"),
+                       ("training", "loss"), ("training", "saved_model_name")}
     assert best["ch_estimation"]["queries"] == "pilots" and best["training"]["loss"] == "nmse_db"
 
 

@@ -339,12 +339,20 @@ def _lmmse_adaptive_numpy(x_BxSxKx2, dmrs):
     return np.stack([h.real, h.imag], axis=-1)
 
 
+def _lmmse_pdp_numpy(x_BxSxKx2, dmrs):
+    """The estimated-PDP LMMSE through the baseline's numpy code (tested against its formula in test_evaluate)."""
+    pilots = np.asarray(x_BxSxKx2, np.float64)[:, 0, np.arange(*dmrs)]
+    h = references.pdp_lmmse(pilots[..., 0] + 1j * pilots[..., 1], dmrs, x_BxSxKx2.shape[2], TINY_CP)
+    return np.stack([h.real, h.imag], axis=-1)
+
+
 _REFERENCES = {"ls_linear": _ls_linear_numpy, "lmmse_robust": _lmmse_robust_numpy,
-               "lmmse_adaptive": _lmmse_adaptive_numpy}
+               "lmmse_adaptive": _lmmse_adaptive_numpy, "lmmse_pdp": _lmmse_pdp_numpy}
 
 
 @pytest.mark.parametrize("residual,reference", [("add", "ls_linear"), ("gated", "ls_linear"), ("add", "lmmse_robust"),
-                                                ("gated", "lmmse_robust"), ("gated", "lmmse_adaptive")])
+                                                ("gated", "lmmse_robust"), ("gated", "lmmse_adaptive"),
+                                                ("gated", "lmmse_pdp")])
 def test_residual_variant_starts_exactly_at_its_reference_and_learns(residual, reference):
     import optax
 

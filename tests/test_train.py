@@ -131,7 +131,7 @@ def test_residual_base_trains_saves_and_reloads_as_residual(tiny_cfg):
     # the summary records what the run is read against: the pilot-only estimators on the same validation sets
     summary = json.loads((result.run_dir / "summary.json").read_text())
     refs = summary["validation_references"]
-    assert set(refs) == {"ls_linear", "lmmse_robust", "lmmse_adaptive"}
+    assert set(refs) == {"ls_linear", "lmmse_robust", "lmmse_adaptive", "lmmse_pdp"}
     assert set(refs["ls_linear"]) == {k for k in summary if k.startswith("val_")}
 
 
