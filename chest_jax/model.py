@@ -82,16 +82,17 @@ def positional_encoding_sine(n_pos: int, d_model: int) -> np.ndarray:
 def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """Inverted dropout: each element zeroed with probability `rate`, the rest scaled by 1 / (1 - rate).
 
-    The mask comes from `chest_jax.rng.hash_bits` (why not `jax.random.bernoulli`: see `chest_jax.rng`). Its hash
-    fuses into the select and costs nothing beyond the pass over x on this CPU (measured: 35.7 against 35.5 ms for
-    32 x 8 x 256 x 256 float32); sharing one word between two elements was slower (61-94 ms), since splitting the
-    word breaks that fusion.
+    The mask comes from `chest_jax.rng.hash_bits` (why not `jax.random.bernoulli`: see `chest_jax.rng`); its hash
+    fuses into the consumer and costs nothing beyond the pass over x on this CPU. x is multiplied by the scaled
+    mask rather than selected with `where`: the gradient of a select made XLA:CPU write a full array of zeros
+    beside it, and the attention weights' dropout then cost 84 ms a call (32 x 8 x 256 x 256) in a training step,
+    against 37 ms multiplied (measured side by side; 1.15 against 0.88 GB accessed).
     """
     if rate == 0.0:
         return x
     threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
     keep = rng.hash_bits(key, x.shape) >= threshold
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+    return x * (keep.astype(x.dtype) * jnp.asarray(1.0 / (1.0 - rate), x.dtype))
 
 
 def _dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
