@@ -50,7 +50,9 @@ def train_or_reuse(cfg: C.Config, kind: str, log: Callable[[str], None]) -> tupl
         return run_dir, json.loads((run_dir / "summary.json").read_text()).get("wall_s")
     log(f"{t.saved_model_name}: training {kind} ({t.num_iter} steps)")
     start = time.perf_counter()
-    result = run_training(cfg, kind=kind, resume=(run_dir / "checkpoints").is_dir(),
+    # A run killed before its first checkpoint has left only its config.yaml: resuming it starts from step 0
+    # (after checking that the config is this one), where a fresh start would refuse the occupied directory.
+    result = run_training(cfg, kind=kind, resume=(run_dir / "config.yaml").is_file(),
                           log=lambda line: log("  " + line), progress=False)
     if result.interrupted:
         raise SystemExit(f"{t.saved_model_name} was interrupted at step {result.final_step}; run the same command "

@@ -52,6 +52,15 @@ def test_scaling_curve_trains_each_budget_once_and_scores_it_beside_the_baseline
     assert "reusing the finished run" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="another config"):
         quality._train("pilots_gated_db", 0, str(REPO / "configs/quick/base.yaml"), [*recipe, "training.lr=0.5"], moved, print)
+    # A run killed before its first checkpoint (only its config.yaml written) is started again, not refused.
+    killed = tmp_path / "runs" / "killed" / "pilots_gated_db_s0"
+    killed.mkdir(parents=True)
+    started = (moved / "pilots_gated_db_s0" / "config.yaml").read_text()
+    (killed / "config.yaml").write_text(started.replace(str(tmp_path / "runs" / "quality"), str(killed.parent)))
+    capsys.readouterr()
+    assert quality._train("pilots_gated_db", 0, str(REPO / "configs/quick/base.yaml"), recipe, killed.parent,
+                          print)[0] == killed
+    assert "starting from step 0" in capsys.readouterr().out and (killed / "final").is_dir()
 
 
 def test_overrides_after_a_list_option_are_not_taken_for_its_values():
