@@ -32,9 +32,9 @@ from chest_jax import baselines, compare, plots  # noqa: E402
 from chest_jax import config as C  # noqa: E402
 
 # The baselines drawn beside the curve: the receiver's practical choices (the pilots alone, the training mix's
-# correlation, or the test scenario's); lmmse_adaptive is also the preset's reference, so the gap to it is what the
+# correlation, or the test scenario's); lmmse_pdp is also the preset's reference, so the gap to it is what the
 # learned correction adds.
-CURVE_BASELINES = ("ls_linear", "lmmse_robust", "lmmse_adaptive", "lmmse_pooled", "lmmse_practical")
+CURVE_BASELINES = ("ls_linear", "lmmse_robust", "lmmse_adaptive", "lmmse_pdp", "lmmse_pooled", "lmmse_practical")
 
 
 def run_multiple(variant: str, multiple: float, steps: int, seeds: Sequence[int], base: str, overrides: Sequence[str],
