@@ -126,9 +126,8 @@ def _softmax_attention(q_BxHxQxE: jax.Array, kt_BxHxExK: jax.Array, v_BxHxKxE: j
     p_BxHxQxK = jnp.exp(logits_BxHxQxK - jax.lax.stop_gradient(jnp.max(logits_BxHxQxK, axis=-1, keepdims=True)))
     total_BxHxQx1 = jnp.sum(p_BxHxQxK, axis=-1, keepdims=True)
     cd = v_BxHxKxE.dtype
-    if not deterministic and rate > 0.0:
-        # dropout() scales the kept entries by 1 / (1 - rate) itself
-        p_BxHxQxK = _dropout(p_BxHxQxK, rate, deterministic, rngs)
+    # a no-op when deterministic or rate == 0; it scales the kept entries by 1 / (1 - rate) itself
+    p_BxHxQxK = _dropout(p_BxHxQxK, rate, deterministic, rngs)
     return ((p_BxHxQxK.astype(cd) @ v_BxHxKxE).astype(jnp.float32) / total_BxHxQx1).astype(cd)
 
 
