@@ -5,6 +5,9 @@ EXTRAS ?= dev
 comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# Huge-page malloc for XLA:CPU's large arrays (chest_jax/hostmem.py): the scripts re-execute themselves with it,
+# pytest cannot, so the targets start with it (ignored where glibc is older than 2.35 or absent).
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: install test demo bench clean-runs
 

@@ -7,7 +7,12 @@ share a label are seeds of one model (mean and spread are reported).
 """
 import sys
 
-from chest_jax.compare import cli
+from chest_jax.hostmem import use_huge_pages
+
+if __name__ == "__main__":
+    use_huge_pages()  # re-executes once, before the heavy imports below (chest_jax/hostmem.py)
+
+from chest_jax.compare import cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(cli())

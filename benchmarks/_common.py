@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:
 import jax  # noqa: E402
 
 from chest_jax import config as C  # noqa: E402
+from chest_jax import hostmem  # noqa: E402
 
 
 # A frame and model small enough to smoke-test every benchmark in seconds on a CPU: fft 512 (384 used
@@ -38,6 +39,13 @@ def compile_fast_for_smoke_runs() -> None:
     nothing anyway). Takes effect only if called before JAX creates its backend (the first device query)."""
     fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {fast}".strip()
+
+
+def use_huge_pages() -> None:
+    """Each benchmark's `__main__` calls this first: re-executes with huge-page malloc (chest_jax/hostmem.py), as
+    the training and compare scripts do, so the figures are what a user's run gets. CHEST_JAX_HUGE_PAGES=0
+    measures without it."""
+    hostmem.use_huge_pages()
 
 
 def time_calls(call: Callable[[], Any], min_calls: int, min_seconds: float = 0.0) -> list[float]:
@@ -104,6 +112,9 @@ def machine_info() -> dict[str, Any]:
         "device": str(device),
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
+        # huge-page malloc on or off (chest_jax/hostmem.py): it moves every CPU figure, so it is recorded
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "thp_mode": hostmem.thp_mode(),
     }
 
 

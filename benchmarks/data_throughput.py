@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from chest_jax import config as C  # noqa: E402
-from chest_jax import ofdm  # noqa: E402
+from chest_jax import hostmem, ofdm  # noqa: E402
 
 BATCH_SIZES = (32, 256)
 MODES = ("full", "pilots")
@@ -239,4 +239,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_pages()  # as every entry point does (chest_jax/hostmem.py)
     sys.exit(main())

@@ -60,4 +60,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _common.use_huge_pages()
     sys.exit(main())

@@ -127,4 +127,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _common.use_huge_pages()
     sys.exit(main())

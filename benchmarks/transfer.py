@@ -236,4 +236,5 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    _common.use_huge_pages()
     sys.exit(main())
