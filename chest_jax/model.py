@@ -90,9 +90,18 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """
     if rate == 0.0:
         return x
+    return x * _keep_scale(_keep_mask(rng.hash_seed(key), x.shape, rate), rate, x.dtype)
+
+
+def _keep_mask(seed: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """The elements dropout keeps (bool), each with probability 1 - rate, from `rng.hash_seed` words."""
     threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
-    keep = rng.hash_bits(key, x.shape) >= threshold
-    return x * (keep.astype(x.dtype) * jnp.asarray(1.0 / (1.0 - rate), x.dtype))
+    return rng.seeded_hash_bits(seed, shape) >= threshold
+
+
+def _keep_scale(keep: jax.Array, rate: float, dtype: Any) -> jax.Array:
+    """The mask dropout multiplies by: 1 / (1 - rate) where kept, 0 where dropped."""
+    return keep.astype(dtype) * jnp.asarray(1.0 / (1.0 - rate), dtype)
 
 
 def _dropout(x: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -119,16 +128,60 @@ def _softmax_attention(q_BxHxQxE: jax.Array, kt_BxHxExK: jax.Array, v_BxHxKxE: j
     attention in the transposes of a `bqhe,bkhe->bhqk` einsum). The softmax's normalisation is applied to the
     (Q, E) output instead of the (Q, K) weights: the same arithmetic with K / E times fewer divides. With dropout
     too: dropping normalised weights, as the original does, is dropping the unnormalised ones and dividing by the
-    unmasked total, so the mask is applied to exp(logits) and the total stays the sum before masking (one code
-    path for both modes; on this CPU it did not change the training step's time measurably).
+    unmasked total, so the mask is applied to exp(logits) and the total stays the sum before masking. The
+    gradient is written out (`_attention_core`).
     """
-    logits_BxHxQxK = (q_BxHxQxE @ kt_BxHxExK).astype(jnp.float32)
-    p_BxHxQxK = jnp.exp(logits_BxHxQxK - jax.lax.stop_gradient(jnp.max(logits_BxHxQxK, axis=-1, keepdims=True)))
-    total_BxHxQx1 = jnp.sum(p_BxHxQxK, axis=-1, keepdims=True)
+    seed = None if deterministic or rate == 0.0 else rng.hash_seed(rngs.dropout())
+    return _attention_core(q_BxHxQxE, kt_BxHxExK, v_BxHxKxE, seed, rate)
+
+
+def _attention_forward(q_BxHxQxE, kt_BxHxExK, v_BxHxKxE, seed, rate):
+    """The attention's value and what its backward pass needs (exp(logits), their total, the dropout mask)."""
     cd = v_BxHxKxE.dtype
-    # a no-op when deterministic or rate == 0; it scales the kept entries by 1 / (1 - rate) itself
-    p_BxHxQxK = _dropout(p_BxHxQxK, rate, deterministic, rngs)
-    return ((p_BxHxQxK.astype(cd) @ v_BxHxKxE).astype(jnp.float32) / total_BxHxQx1).astype(cd)
+    logits_BxHxQxK = (q_BxHxQxE @ kt_BxHxExK).astype(jnp.float32)
+    # the max only guards exp against overflow (the result does not depend on it): held constant, as the
+    # backward below assumes, also when this forward is differentiated by autodiff (the tests compare both)
+    e_BxHxQxK = jnp.exp(logits_BxHxQxK - jax.lax.stop_gradient(jnp.max(logits_BxHxQxK, axis=-1, keepdims=True)))
+    total_BxHxQx1 = jnp.sum(e_BxHxQxK, axis=-1, keepdims=True)
+    keep_BxHxQxK = None if seed is None else _keep_mask(seed, e_BxHxQxK.shape, rate)
+    d_BxHxQxK = e_BxHxQxK if keep_BxHxQxK is None else e_BxHxQxK * _keep_scale(keep_BxHxQxK, rate, jnp.float32)
+    out_BxHxQxE = ((d_BxHxQxK.astype(cd) @ v_BxHxKxE).astype(jnp.float32) / total_BxHxQx1).astype(cd)
+    return out_BxHxQxE, (q_BxHxQxE, kt_BxHxExK, v_BxHxKxE, e_BxHxQxK, total_BxHxQx1, keep_BxHxQxK, out_BxHxQxE)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q_BxHxQxE, kt_BxHxExK, v_BxHxKxE, seed, rate):
+    return _attention_forward(q_BxHxQxE, kt_BxHxExK, v_BxHxKxE, seed, rate)[0]
+
+
+def _attention_backward(rate, residuals, dout_BxHxQxE):
+    """The attention's gradient, with every product a plain (M, K) @ (K, N) batched matmul.
+
+    Autodiff of the forward contracts the (Q, K) weights over Q for dk and dv, which XLA:CPU ran as slow generic
+    dots (about 35 ms each at the full config, beside 5-10 ms for the forward's products); here those products
+    are taken transposed (dv^T = u^T d, dk^T = q^T ds), so only (Q, E)-sized arrays are transposed. With
+    e = exp(s - max s) (the max held constant), t = sum_k e, d = e * mask / (1 - rate), out = (d v) / t:
+      u = dout / t,  dv = d^T u,  dd = u v^T,  dt = -sum_e(dout * out) / t,  ds = e * (dd * mask / (1 - rate) + dt),
+      dq = ds k,  dk^T = q^T ds.
+    """
+    q, kt, v, e, total, keep, out = residuals
+    cd = v.dtype
+    swap = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
+    dout = dout_BxHxQxE.astype(jnp.float32)
+    u_BxHxQxE = dout / total
+    d_BxHxQxK = e if keep is None else e * _keep_scale(keep, rate, jnp.float32)
+    dv_BxHxKxE = swap((swap(u_BxHxQxE).astype(cd) @ d_BxHxQxK.astype(cd)).astype(jnp.float32))
+    dd_BxHxQxK = (u_BxHxQxE.astype(cd) @ swap(v)).astype(jnp.float32)
+    if keep is not None:
+        dd_BxHxQxK = dd_BxHxQxK * _keep_scale(keep, rate, jnp.float32)
+    dt_BxHxQx1 = -jnp.sum(dout * out.astype(jnp.float32), axis=-1, keepdims=True) / total
+    ds_BxHxQxK = (e * (dd_BxHxQxK + dt_BxHxQx1)).astype(cd)
+    dq_BxHxQxE = ds_BxHxQxK @ swap(kt)
+    dkt_BxHxExK = swap(q) @ ds_BxHxQxK
+    return dq_BxHxQxE.astype(q.dtype), dkt_BxHxExK.astype(kt.dtype), dv_BxHxKxE.astype(v.dtype), None
+
+
+_attention_core.defvjp(_attention_forward, _attention_backward)
 
 
 class MultiheadAttention(nnx.Module):

@@ -56,7 +56,17 @@ def _fmix32(x: jax.Array) -> jax.Array:
 
 def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Uniform uint32 words of `shape`, one per element, from a keyed hash of the element's flat index."""
-    seed = jax.random.bits(key, (2,), jnp.uint32)
+    return seeded_hash_bits(hash_seed(key), shape)
+
+
+def hash_seed(key: jax.Array) -> jax.Array:
+    """The two uint32 words that key `seeded_hash_bits`: what a function that must not take a PRNG key (a
+    `jax.custom_vjp` argument) carries instead."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def seeded_hash_bits(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """`hash_bits` from its two seed words (`hash_seed(key)`): the same words for the same key."""
     index = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for axis in reversed(range(len(shape))):

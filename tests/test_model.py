@@ -288,6 +288,27 @@ def test_matches_numpy_rederivation_of_spec(activation):
     np.testing.assert_allclose(h, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_attention_gradient_written_out_equals_autodiff_of_its_forward(rate):
+    """`_attention_core`'s hand-written backward against jax.grad of the same forward, with and without a dropout
+    mask; the forward is the one the model always ran (eval: no mask)."""
+    from chest_jax import rng
+    from chest_jax.model import _attention_core, _attention_forward
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, kt, v = (jax.random.normal(k, shape) for k, shape in zip(ks, [(2, 3, 8, 4), (2, 3, 4, 8), (2, 3, 8, 4)]))
+    w = jax.random.normal(ks[3], (2, 3, 8, 4))
+    seed = None if rate == 0.0 else rng.hash_seed(jax.random.key(5))
+    written = jax.grad(lambda *a: jnp.sum(_attention_core(*a, seed, rate) * w), argnums=(0, 1, 2))(q, kt, v)
+    autodiff = jax.grad(lambda *a: jnp.sum(_attention_forward(*a, seed, rate)[0] * w), argnums=(0, 1, 2))(q, kt, v)
+    for a, b in zip(written, autodiff):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+        assert float(jnp.max(jnp.abs(b))) > 1e-3  # a real gradient, not two zeros agreeing
+    if seed is not None:  # the mask drops something, and the same key drops the same entries
+        out = _attention_core(q, kt, v, seed, rate)
+        assert not np.allclose(out, _attention_core(q, kt, v, None, rate))
+        np.testing.assert_array_equal(out, _attention_core(q, kt, v, rng.hash_seed(jax.random.key(5)), rate))
+
+
 def test_dropout_masks_keep_the_right_fraction_and_are_independent():
     from chest_jax.rng import hash_bits as dropout_bits
     bits = np.asarray(dropout_bits(jax.random.key(0), (64, 256, 256)))
