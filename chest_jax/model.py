@@ -169,11 +169,9 @@ def _attention_backward(rate, residuals, dout_BxHxQxE):
     swap = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
     dout = dout_BxHxQxE.astype(jnp.float32)
     u_BxHxQxE = dout / total
-    d_BxHxQxK = e if keep is None else e * _keep_scale(keep, rate, jnp.float32)
-    dv_BxHxKxE = swap((swap(u_BxHxQxE).astype(cd) @ d_BxHxQxK.astype(cd)).astype(jnp.float32))
-    dd_BxHxQxK = (u_BxHxQxE.astype(cd) @ swap(v)).astype(jnp.float32)
-    if keep is not None:
-        dd_BxHxQxK = dd_BxHxQxK * _keep_scale(keep, rate, jnp.float32)
+    scale_BxHxQxK = 1.0 if keep is None else _keep_scale(keep, rate, jnp.float32)
+    dv_BxHxKxE = swap((swap(u_BxHxQxE).astype(cd) @ (e * scale_BxHxQxK).astype(cd)).astype(jnp.float32))
+    dd_BxHxQxK = (u_BxHxQxE.astype(cd) @ swap(v)).astype(jnp.float32) * scale_BxHxQxK
     dt_BxHxQx1 = -jnp.sum(dout * out.astype(jnp.float32), axis=-1, keepdims=True) / total
     ds_BxHxQxK = (e * (dd_BxHxQxK + dt_BxHxQx1)).astype(cd)
     dq_BxHxQxE = ds_BxHxQxK @ swap(kt)
