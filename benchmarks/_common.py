@@ -41,13 +41,6 @@ def compile_fast_for_smoke_runs() -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {fast}".strip()
 
 
-def use_huge_pages() -> None:
-    """Each benchmark's `__main__` calls this first: re-executes with huge-page malloc (chest_jax/hostmem.py), as
-    the training and compare scripts do, so the figures are what a user's run gets. CHEST_JAX_HUGE_PAGES=0
-    measures without it."""
-    hostmem.use_huge_pages()
-
-
 def time_calls(call: Callable[[], Any], min_calls: int, min_seconds: float = 0.0) -> list[float]:
     """Seconds of each call of `call` (its result blocked on), repeated until at least `min_calls` calls and
     `min_seconds` seconds have passed. Warm up (compile) before calling this."""

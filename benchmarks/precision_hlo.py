@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from chest_jax import config as C  # noqa: E402
+from chest_jax import hostmem  # noqa: E402
 from chest_jax.model import Estimator_v4  # noqa: E402
 
 
@@ -60,5 +61,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    _common.use_huge_pages()
+    hostmem.use_huge_pages()  # as every entry point does (chest_jax/hostmem.py)
     sys.exit(main())

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from chest_jax import compare  # noqa: E402
 from chest_jax import config as C  # noqa: E402
+from chest_jax import hostmem  # noqa: E402
 
 # Recipes as config overrides on top of --base, each naming every key it is about (so a change of the preset's
 # defaults does not change what a variant means). "original" trains as the original did.
@@ -184,5 +185,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _common.use_huge_pages()
+    hostmem.use_huge_pages()  # as every entry point does (chest_jax/hostmem.py)
     sys.exit(main())

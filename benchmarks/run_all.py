@@ -30,6 +30,8 @@ import _common  # noqa: E402  (puts the repository on sys.path)
 import data_throughput  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
+from chest_jax import hostmem  # noqa: E402
+
 # (name, config, overrides, run_training steps, time the PyTorch reference); the presets first, so that the full
 # config's memory high-water mark is its own (it is the largest).
 # "preset" is the original's model at the preset's sizes: the PyTorch reference beside it has the original's
@@ -222,5 +224,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _common.use_huge_pages()
+    hostmem.use_huge_pages()  # as every entry point does (chest_jax/hostmem.py)
     sys.exit(main())

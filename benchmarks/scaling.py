@@ -30,6 +30,7 @@ import quality  # noqa: E402
 
 from chest_jax import baselines, compare, plots  # noqa: E402
 from chest_jax import config as C  # noqa: E402
+from chest_jax import hostmem  # noqa: E402
 
 # The baselines drawn beside the curve: the receiver's practical choices (the pilots alone, the training mix's
 # correlation, or the test scenario's); lmmse_pdp is also the preset's reference, so the gap to it is what the
@@ -127,5 +128,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _common.use_huge_pages()
+    hostmem.use_huge_pages()  # as every entry point does (chest_jax/hostmem.py)
     sys.exit(main())

@@ -41,6 +41,7 @@ from flax import nnx  # noqa: E402
 
 from chest_jax import channels, loading, ofdm  # noqa: E402
 from chest_jax import config as C  # noqa: E402
+from chest_jax import hostmem  # noqa: E402
 from chest_jax.metrics import to_real_pair  # noqa: E402
 from chest_jax.model import param_count  # noqa: E402
 from chest_jax.optim import make_optimizer  # noqa: E402
@@ -443,5 +444,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _common.use_huge_pages()
+    hostmem.use_huge_pages()  # as every entry point does (chest_jax/hostmem.py)
     sys.exit(main())

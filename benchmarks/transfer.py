@@ -44,6 +44,7 @@ import _study  # noqa: E402
 
 from chest_jax import compare, plots  # noqa: E402
 from chest_jax import config as C  # noqa: E402
+from chest_jax import hostmem  # noqa: E402
 
 OUTDOOR = ("UMa_Los", "UMa_Nlos", "UMi_Los", "UMi_Nlos", "RMa_Los", "RMa_Nlos")
 INDOOR = ("InF_Los", "InF_Nlos", "InH_Los", "InH_Nlos")
@@ -236,5 +237,5 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    _common.use_huge_pages()
+    hostmem.use_huge_pages()  # as every entry point does (chest_jax/hostmem.py)
     sys.exit(main())
