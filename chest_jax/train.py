@@ -116,7 +116,10 @@ def make_train_step(graphdef, tx, spec: ofdm.FrameSpec, batch_size: int, *, loss
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly. A second Ctrl-C aborts at once."""
+    """SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly. A second Ctrl-C aborts at once.
+
+    It spans the loop and the final save: a signal during `finish()` (final validation, checkpoint, final model)
+    lets the model be written whole instead of killing the process halfway through it."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -223,22 +226,21 @@ class _Loop:
         self.log(f"\nstopped by signal {signal.Signals(signum).name} after step {self.step}; checkpoint {path}. "
                  "Continue with --resume.")
 
-    def run(self, step_fn, frozen, bank, distance_range, keys, end: int) -> bool:
+    def run(self, step_fn, frozen, bank, distance_range, keys, end: int, stop: _StopRequest) -> bool:
         """Steps until `end`, logging, evaluating and saving on schedule; True when interrupted (a signal, or
         `end` before num_iter), with a checkpoint of the last step written."""
         t = self.cfg.training
-        with _StopRequest() as stop:
-            while self.step < end:
-                self.state, metrics = step_fn(self.state, frozen, bank, distance_range, keys["data"],
-                                              keys["dropout"])
-                self.step += 1
-                if self.step % t.logging_step == 0 or self.step == end:
-                    self.log_step(metrics)
-                if self.step % t.evaluation_step == 0 or self.step % t.model_save_step == 0:
-                    self.evaluate_and_save()
-                if stop.signum is not None:
-                    self.stop(stop.signum)
-                    return True
+        while self.step < end:
+            self.state, metrics = step_fn(self.state, frozen, bank, distance_range, keys["data"],
+                                          keys["dropout"])
+            self.step += 1
+            if self.step % t.logging_step == 0 or self.step == end:
+                self.log_step(metrics)
+            if self.step % t.evaluation_step == 0 or self.step % t.model_save_step == 0:
+                self.evaluate_and_save()
+            if stop.signum is not None:
+                self.stop(stop.signum)
+                return True
         if self.step < t.num_iter:  # ended early by stop_after
             self.save_checkpoint()
             return True
@@ -384,11 +386,16 @@ def run_training(cfg: config_lib.Config, *, kind: str, resume: bool = False, ove
     loop = _Loop(cfg, kind, run_dir, state, frozen, setup.graphdef, checkpoints, setup.origin, validation,
                  metrics_log, runlog.progress(setup.start, t.num_iter, progress, log), log)
     try:
-        if loop.run(step_fn, frozen, bank, distance_range, keys, end):
-            checkpoints.close()
-            return RunResult(run_dir, loop.step, None, loop.val["val_nmse_db"] if loop.val else None,
-                             interrupted=True)
-        return loop.finish(setup.n_train, setup.n_total)
+        with _StopRequest() as stop:
+            if loop.run(step_fn, frozen, bank, distance_range, keys, end, stop):
+                checkpoints.close()
+                return RunResult(run_dir, loop.step, None, loop.val["val_nmse_db"] if loop.val else None,
+                                 interrupted=True)
+            result = loop.finish(setup.n_train, setup.n_total)
+            if stop.signum is not None:
+                log(f"signal {signal.Signals(stop.signum).name} arrived after the last step; the final model "
+                    "was written whole first.")
+            return result
     finally:
         loop.bar.close()
         metrics_log.close()

@@ -86,6 +86,39 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_sigterm_during_the_final_save_lets_the_final_model_be_written_whole(tiny_cfg, monkeypatch):
+    # A signal that lands after the last step (final validation, checkpoint, model save) must not kill the
+    # process halfway through writing the final model. Our own handler stands in for the default action, so a
+    # signal that is not deferred fails this test instead of killing pytest.
+    class NotDeferred(Exception):
+        pass
+
+    def undeferred(signum, frame):
+        raise NotDeferred(signal.Signals(signum).name)
+
+    original_save = train.ckpt.save_model
+
+    def save_with_signal(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs at the next bytecode; give the signal time to arrive
+        return original_save(*args, **kw)
+
+    previous = signal.signal(signal.SIGTERM, undeferred)
+    try:
+        monkeypatch.setattr(train.ckpt, "save_model", save_with_signal)
+        lines = []
+        result = run_training(tiny_cfg("training.num_iter=4"), kind="base", log=lambda *a, **k: lines.append(a),
+                              progress=False)
+        assert signal.getsignal(signal.SIGTERM) is undeferred  # restored after the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not result.interrupted and result.final_path is not None
+    assert any("SIGTERM arrived after the last step" in str(a) for a in lines)
+    assert ckpt.read_meta(result.final_path)["step"] == 4
+    params = loading.model_params(loading.load_model(str(result.run_dir))[0])
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
 _KILLED_SAVE = """
 import sys, numpy as np
 from chest_jax import checkpoint as ckpt
