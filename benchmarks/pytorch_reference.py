@@ -8,12 +8,20 @@ with the benchmarked config's sizes. Measured, as `train_throughput.py` measures
 torch uses every CPU core (torch.set_num_threads(os.cpu_count())), like XLA:CPU. Without torch installed
 (`pip install -e ".[torch]"`) `measure` returns {"error": ...} and the ratios are null: no fixed figures from
 another machine stand in for a measurement.
+
+Two environments: `measure` times it inside the benchmark's process, so with whatever malloc settings chest-jax
+runs under (huge pages, chest_jax/hostmem.py), and `measure_in_subprocess` runs this file as a script in the
+environment the original's users have (the huge-page tunable taken out): the same code, the same batches.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
-from typing import Any, Callable
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -77,3 +85,44 @@ def measure(cfg, batch_inputs: np.ndarray, batch_h: np.ndarray, full_inputs: dic
         out[f"infer_bs{b}"] = {"median_ms": 1e3 * float(np.median(seconds)), "calls": len(seconds),
                                "samples_per_s": b / float(np.median(seconds))}
     return out
+
+
+def measure_in_subprocess(cfg, batch_inputs: np.ndarray, batch_h: np.ndarray, full_inputs: dict[int, np.ndarray], *,
+                          env: Mapping[str, str], min_calls: int = 5, min_seconds: float = 2.0,
+                          timeout_s: float = 1800.0) -> dict[str, Any]:
+    """`measure` in a fresh Python process started with `env` (e.g. `hostmem.without_huge_pages(os.environ)`): the
+    config and batches go through a temporary directory; {"error": ...} when the process fails."""
+    from chest_jax import config as config_lib
+
+    with tempfile.TemporaryDirectory(prefix="pytorch_reference_") as tmp:
+        work = Path(tmp)
+        config_lib.dump(cfg, work / "config.yaml")
+        np.savez(work / "batches.npz", inputs=batch_inputs, h=batch_h,
+                 **{f"full_{b}": x for b, x in full_inputs.items()})
+        (work / "timing.json").write_text(json.dumps({"min_calls": min_calls, "min_seconds": min_seconds}))
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(work)], env=dict(env),
+                              capture_output=True, text=True, timeout=timeout_s)
+        result_file = work / "result.json"
+        if proc.returncode != 0 or not result_file.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"error": f"the reference's process failed (exit {proc.returncode}): {' | '.join(tail)}"}
+        return json.loads(result_file.read_text())
+
+
+def _main(work: Path) -> int:
+    """The subprocess side of `measure_in_subprocess`: read the work directory, measure, write result.json."""
+    from chest_jax import config as config_lib
+
+    cfg = config_lib.load(work / "config.yaml")
+    timing = json.loads((work / "timing.json").read_text())
+    with np.load(work / "batches.npz") as batches:
+        full = {int(k.split("_")[1]): batches[k] for k in batches.files if k.startswith("full_")}
+        result = measure(cfg, batches["inputs"], batches["h"], full, **timing)
+    result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")  # as this process saw it
+    (work / "result.json").write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    # Deliberately no hostmem.use_huge_pages(): this process runs in the environment its caller chose.
+    sys.exit(_main(Path(sys.argv[1])))

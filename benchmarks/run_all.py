@@ -100,12 +100,15 @@ def bench_config(config: str, overrides: Sequence[str], run_steps: int, *, quick
             out[f"infer_bs{b}"] = guarded(f"{name}: inference batch {b}", lambda b=b: tt.bench_inference(s, b, timing),
                                           log)
         out["flops"] = guarded(f"{name}: FLOPs per sample (XLA cost analysis)", lambda: tt.flops_per_sample(s), log)
-        out["pytorch"] = (guarded(f"{name}: PyTorch reference", lambda: tt.bench_pytorch(s, timing), log) if pytorch
-                          else {"skipped": "the original cannot represent this model"})
+        skipped = {"skipped": "the original cannot represent this model"}
+        out["pytorch"] = (guarded(f"{name}: PyTorch reference (its users' environment, a subprocess)",
+                                  lambda: tt.bench_pytorch(s, timing, default_env=True), log) if pytorch else skipped)
+        out["pytorch_same_env"] = (guarded(f"{name}: PyTorch reference (this process's environment)",
+                                           lambda: tt.bench_pytorch(s, timing), log) if pytorch else skipped)
         del s  # the model and bank of this config are not needed by run_training, which builds its own
     else:
         for key in ("train_step", "end_to_end_step", *(f"infer_bs{b}" for b in tt.INFER_BATCH_SIZES), "flops",
-                    "pytorch"):
+                    "pytorch", "pytorch_same_env"):
             out[key] = {"error": f"not run: the setup failed ({setup['error']})"}
     out["run_training"] = guarded(f"{name}: run_training {run_steps} steps",
                                   lambda: tt.bench_run_training(cfg, run_steps), log)
@@ -114,6 +117,8 @@ def bench_config(config: str, overrides: Sequence[str], run_steps: int, *, quick
     train, e2e = out["train_step"], out["end_to_end_step"]
     infer_ms = {b: out[f"infer_bs{b}"].get("median_ms") for b in tt.INFER_BATCH_SIZES}
     out["speedups"] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms, out["pytorch"])
+    out["speedups_same_env"] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms,
+                                           out["pytorch_same_env"])
     out["share_of_peak"] = tt.share_of_peak(out["flops"], train.get("samples_per_s"), infer_ms, peak)
     return out
 
@@ -140,8 +145,10 @@ def run(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, An
         "note": "times are medians after compile and warm-up, blocking on each result. Memory values are process "
                 "high-water marks after each measurement, in run order (preset first). Speedups divide by the "
                 "PyTorch reference (tests/torch_reference.py at each config's sizes, timed in this run on the "
-                "same batches). share_of_peak: XLA's FLOP count per sample x samples/s over the float32 matmul "
-                "rate of this machine measured in this run.",
+                "same batches): `pytorch` in a subprocess with the environment the original's users have (no "
+                "huge-page malloc), `pytorch_same_env` in this process, with chest-jax's malloc settings "
+                "(ratios in `speedups_same_env`). share_of_peak: XLA's FLOP count per sample x samples/s over "
+                "the float32 matmul rate of this machine measured in this run.",
     }
     print_table(report, log)
     return report
@@ -178,6 +185,12 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
         ("end-to-end speedup vs pytorch", ("speedups", "end_to_end_speedup_vs_pytorch"), ".2f"),
         ("infer bs1 speedup vs pytorch", ("speedups", "infer_bs1_speedup_vs_pytorch"), ".2f"),
         ("infer bs32 speedup vs pytorch", ("speedups", "infer_bs32_speedup_vs_pytorch"), ".2f"),
+        ("pytorch same env, train samples/s", ("pytorch_same_env", "train", "samples_per_s"), ".1f"),
+        ("pytorch same env, inf bs1 ms", ("pytorch_same_env", "infer_bs1", "median_ms"), ".2f"),
+        ("pytorch same env, inf bs32 ms", ("pytorch_same_env", "infer_bs32", "median_ms"), ".2f"),
+        ("train speedup, same env", ("speedups_same_env", "train_speedup_vs_pytorch"), ".2f"),
+        ("infer bs1 speedup, same env", ("speedups_same_env", "infer_bs1_speedup_vs_pytorch"), ".2f"),
+        ("infer bs32 speedup, same env", ("speedups_same_env", "infer_bs32_speedup_vs_pytorch"), ".2f"),
         ("train step, share of f32 peak", ("share_of_peak", "train"), ".2f"),
         ("inference bs32, share of peak", ("share_of_peak", "infer_bs32"), ".2f"),
     ]

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -190,14 +191,20 @@ def bench_inference(s: Setup, batch_size: int, timing: Timing) -> dict[str, floa
     return result
 
 
-def bench_pytorch(s: Setup, timing: Timing) -> dict[str, Any]:
+def bench_pytorch(s: Setup, timing: Timing, *, default_env: bool = False) -> dict[str, Any]:
     """The PyTorch reference (benchmarks/pytorch_reference.py) at this config's sizes, on batches drawn like the
-    ones chest-jax is timed on; {"error": ...} without torch."""
+    ones chest-jax is timed on; {"error": ...} without torch. default_env: in a subprocess with the environment
+    the original's users have (no huge-page malloc, `hostmem.without_huge_pages`) instead of in this process."""
     batch = ofdm.make_batch_fn(s.spec, s.batch_size, full=False)(jax.random.key(1), s.bank, s.distance_range)
     full = {b: np.asarray(ofdm.make_batch_fn(s.spec, b, full=True)(jax.random.key(5), s.bank, s.distance_range).inputs)
             for b in INFER_BATCH_SIZES}
-    return pytorch_reference.measure(s.cfg, np.asarray(batch.inputs), to_real_pair(np.asarray(batch.h)), full,
-                                     min_calls=max(3, timing.min_calls // 2), min_seconds=timing.min_seconds)
+    args = (s.cfg, np.asarray(batch.inputs), to_real_pair(np.asarray(batch.h)), full)
+    kw = dict(min_calls=max(3, timing.min_calls // 2), min_seconds=timing.min_seconds)
+    if default_env:
+        return pytorch_reference.measure_in_subprocess(*args, env=hostmem.without_huge_pages(os.environ), **kw)
+    result = pytorch_reference.measure(*args, **kw)
+    result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
+    return result
 
 
 def matmul_peak(quick: bool = False) -> dict[str, Any]:
@@ -336,7 +343,9 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
     end_to_end = bench_end_to_end_step(s, timing)
     infer = {b: bench_inference(s, b, timing) for b in INFER_BATCH_SIZES}
     training_run = bench_run_training(cfg, run_steps) if run_steps else None
-    reference = bench_pytorch(s, timing) if pytorch else {"error": "not measured (--no-pytorch)"}
+    skipped = {"error": "not measured (--no-pytorch)"}
+    reference = bench_pytorch(s, timing, default_env=True) if pytorch else skipped
+    reference_same_env = bench_pytorch(s, timing) if pytorch else skipped
     try:
         flops = flops_per_sample(s)
     except Exception as e:  # noqa: BLE001 - a backend without cost analysis loses only this figure
@@ -359,6 +368,9 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
         "reference": reference,
         **speedups(train["samples_per_s"], end_to_end["samples_per_s"], {b: r["median_ms"] for b, r in infer.items()},
                    reference),
+        "reference_same_env": reference_same_env,
+        "speedups_same_env": speedups(train["samples_per_s"], end_to_end["samples_per_s"],
+                                      {b: r["median_ms"] for b, r in infer.items()}, reference_same_env),
         "config": str(config),
         "overrides": list(overrides),
         "quick": quick,
@@ -371,7 +383,9 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
         "note": "times are medians over calls after compile and warm-up, blocking on each result; samples/s = "
                 "batch / median time. train = model-only step on a fixed batch; end_to_end = make_train_step "
                 "(batch generated inside). Speedups divide by the PyTorch reference (tests/torch_reference.py at "
-                "this config's sizes) timed in the same run on the same batches.",
+                "this config's sizes) timed in the same run on the same batches: `reference` in a subprocess with "
+                "the environment the original's users have (no huge-page malloc), `reference_same_env` in this "
+                "process (the malloc settings chest-jax runs with), its ratios in `speedups_same_env`.",
     }
     report["jax_version"] = report["machine"]["jax_version"]
     report["device_kind"] = report["machine"]["device_kind"]
@@ -406,8 +420,15 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
             f"{f(speedup, '.2f') + ('x' if speedup is not None else ''):>9}")
     log(f"data generation {report['data_ms_per_batch']:.2f} ms per batch of {report['batch_size']} = "
         f"{100 * report['data_share_of_step']:.0f}% of an end-to-end step; compile {report['compile_s']:.1f} s")
-    if "error" in ref:
-        log(f"pytorch reference: {ref['error']}")
+    log("pytorch: the reference in its users' default environment (no huge-page malloc)")
+    same = report.get("speedups_same_env") or {}
+    if any(v is not None for v in same.values()):
+        log("speedups against the reference in this process's environment (same malloc settings): " + ", ".join(
+            f"{k.replace('_speedup_vs_pytorch', '')} {f(v, '.2f')}x" for k, v in same.items()))
+    for name, r in (("pytorch reference", ref), ("pytorch reference (same environment)",
+                                                  report.get("reference_same_env") or {})):
+        if "error" in r:
+            log(f"{name}: {r['error']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,18 @@ def tuned_environment(environ: Mapping[str, str], *, platform_ok: bool | None = 
     return env
 
 
+def without_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` as a program that knows nothing of this module would run in: the huge-page tunable taken out of
+    GLIBC_TUNABLES (the variable dropped when nothing else is in it) and the opt-out set, so that a benchmark can
+    time a reference (the PyTorch original) the way its users run it."""
+    env = dict(environ)
+    kept = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE + "=")]
+    if kept:
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    env[OPT_OUT] = "0"
+    return env
+
+
 def use_huge_pages() -> None:
     """Re-execute this script with huge-page malloc, unless it already has it or cannot (module docstring).
 

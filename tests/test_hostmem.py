@@ -26,6 +26,15 @@ def test_tuned_environment_adds_the_tunable_once_and_keeps_the_users_own():
     assert hostmem.tuned_environment({}, platform_ok=False) is None
 
 
+def test_without_huge_pages_takes_out_only_the_tunable():
+    tuned = hostmem.tuned_environment({"PATH": "/bin"}, platform_ok=True)
+    assert hostmem.without_huge_pages(tuned) == {"PATH": "/bin", "CHEST_JAX_HUGE_PAGES": "0"}
+    env = hostmem.without_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    # and the result is never re-tuned by an entry script
+    assert hostmem.tuned_environment(env, platform_ok=True) is None
+
+
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
     f = tmp_path / "enabled"
     f.write_text("always [madvise] never\n")
