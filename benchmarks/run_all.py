@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402  (puts the repository on sys.path)
+import jax  # noqa: E402
 import data_throughput  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
@@ -37,13 +38,15 @@ from chest_jax import hostmem  # noqa: E402
 # "preset" is the original's model at the preset's sizes: the PyTorch reference beside it has the original's
 # structure, and the speed figures stay comparable with earlier runs. "shipped" is the preset as configs/quick
 # ships it (pilot queries, a gated correction of lmmse_pdp, whose per-sample Cholesky solve is in the step), what
-# `make demo` trains; the original cannot represent it, so it has no PyTorch column.
+# `make demo` trains; the original cannot represent it, so it has no PyTorch column. The last column: also time
+# the end-to-end step data-parallel over one CPU device per core (not "shipped": its Cholesky deadlocks there,
+# chest_jax/distributed.py).
 ORIGINAL_MODEL = ("ch_estimation.queries=learned", "ch_estimation.residual=none",
                   "ch_estimation.reference=ls_linear")
 CONFIGS = (
-    ("preset", "configs/quick/base.yaml", ORIGINAL_MODEL, 100, True),
-    ("shipped", "configs/quick/base.yaml", (), 100, False),
-    ("full", "configs/base.yaml", (), 20, True),
+    ("preset", "configs/quick/base.yaml", ORIGINAL_MODEL, 100, True, True),
+    ("shipped", "configs/quick/base.yaml", (), 100, False, False),
+    ("full", "configs/base.yaml", (), 20, True, True),
 )
 QUICK_RUN_STEPS = 4
 MEASUREMENTS = ("data", "train_step", "end_to_end_step", "run_training", "infer_bs1", "infer_bs32")
@@ -67,7 +70,7 @@ def guarded(name: str, measure: Callable[[], dict[str, Any]], log: Callable[[str
 
 def bench_config(config: str, overrides: Sequence[str], run_steps: int, *, quick: bool,
                  data_runs: dict[str, tuple[str, dict]], name: str, peak: dict[str, Any],
-                 log: Callable[[str], None], pytorch: bool = True) -> dict[str, Any]:
+                 log: Callable[[str], None], pytorch: bool = True, host_devices: int = 0) -> dict[str, Any]:
     """Every measurement of one config. `data_runs` maps a dataset section (as JSON) to the config name and
     result of the data benchmark already run for it."""
     out: dict[str, Any] = {"config": config, "overrides": list(overrides)}
@@ -96,6 +99,11 @@ def bench_config(config: str, overrides: Sequence[str], run_steps: int, *, quick
         out["num_params"] = s.num_params
         out["train_step"] = guarded(f"{name}: train step alone", lambda: tt.bench_train_step(s, timing), log)
         out["end_to_end_step"] = guarded(f"{name}: end-to-end step", lambda: tt.bench_end_to_end_step(s, timing), log)
+        if host_devices:
+            out["end_to_end_step_host_devices"] = guarded(
+                f"{name}: end-to-end step on {host_devices} CPU devices (data parallel, a subprocess)",
+                lambda: tt.bench_end_to_end_on_host_devices(config, overrides, host_devices, steps=None,
+                                                            quick=quick), log)
         for b in tt.INFER_BATCH_SIZES:
             out[f"infer_bs{b}"] = guarded(f"{name}: inference batch {b}", lambda b=b: tt.bench_inference(s, b, timing),
                                           log)
@@ -119,6 +127,10 @@ def bench_config(config: str, overrides: Sequence[str], run_steps: int, *, quick
     out["speedups"] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms, out["pytorch"])
     out["speedups_same_env"] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms,
                                            out["pytorch_same_env"])
+    parallel = (out.get("end_to_end_step_host_devices") or {}).get("samples_per_s")
+    for key, reference in (("speedups", out["pytorch"]), ("speedups_same_env", out["pytorch_same_env"])):
+        out[key]["end_to_end_host_devices_speedup_vs_pytorch"] = tt.speedups(None, parallel, {}, reference)[
+            "end_to_end_speedup_vs_pytorch"]
     out["share_of_peak"] = tt.share_of_peak(out["flops"], train.get("samples_per_s"), infer_ms, peak)
     return out
 
@@ -130,9 +142,12 @@ def run(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, An
     start = time.perf_counter()
     data_runs: dict[str, tuple[str, dict]] = {}
     peak = guarded("matmul peak of this machine", lambda: tt.matmul_peak(quick), log)
+    # one CPU device per core, where the benchmark runs on the CPU and there is more than one core
+    host_devices = machine["cpu_count"] if machine["cpu_count"] > 1 and jax.default_backend() == "cpu" else 0
     configs = {name: bench_config(path, overrides, QUICK_RUN_STEPS if quick else steps, quick=quick,
-                                  data_runs=data_runs, name=name, peak=peak, log=log, pytorch=pytorch)
-               for name, path, overrides, steps, pytorch in CONFIGS}
+                                  data_runs=data_runs, name=name, peak=peak, log=log, pytorch=pytorch,
+                                  host_devices=host_devices if parallel else 0)
+               for name, path, overrides, steps, pytorch, parallel in CONFIGS}
     report = {
         "quick": quick,
         "quick_overrides": list(_common.QUICK_OVERRIDES) if quick else [],
@@ -171,6 +186,7 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
         ("data pilots only, samples/s", ("data", "pilots_samples_per_s"), ".0f"),
         ("train step alone, samples/s", ("train_step", "samples_per_s"), ".1f"),
         ("end-to-end step, samples/s", ("end_to_end_step", "samples_per_s"), ".1f"),
+        ("end-to-end, 1 CPU dev/core, s/s", ("end_to_end_step_host_devices", "samples_per_s"), ".1f"),
         ("run_training steady, samples/s", ("run_training", "samples_per_s_steady"), ".1f"),
         ("run_training wall, samples/s", ("run_training", "samples_per_s_wall"), ".1f"),
         ("inference bs1, ms", ("infer_bs1", "median_ms"), ".2f"),
@@ -183,12 +199,15 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
         ("pytorch inference bs32, ms", ("pytorch", "infer_bs32", "median_ms"), ".2f"),
         ("train speedup vs pytorch", ("speedups", "train_speedup_vs_pytorch"), ".2f"),
         ("end-to-end speedup vs pytorch", ("speedups", "end_to_end_speedup_vs_pytorch"), ".2f"),
+        ("e2e 1 dev/core speedup vs pytorch", ("speedups", "end_to_end_host_devices_speedup_vs_pytorch"), ".2f"),
         ("infer bs1 speedup vs pytorch", ("speedups", "infer_bs1_speedup_vs_pytorch"), ".2f"),
         ("infer bs32 speedup vs pytorch", ("speedups", "infer_bs32_speedup_vs_pytorch"), ".2f"),
         ("pytorch same env, train samples/s", ("pytorch_same_env", "train", "samples_per_s"), ".1f"),
         ("pytorch same env, inf bs1 ms", ("pytorch_same_env", "infer_bs1", "median_ms"), ".2f"),
         ("pytorch same env, inf bs32 ms", ("pytorch_same_env", "infer_bs32", "median_ms"), ".2f"),
         ("train speedup, same env", ("speedups_same_env", "train_speedup_vs_pytorch"), ".2f"),
+        ("e2e 1 dev/core speedup, same env", ("speedups_same_env", "end_to_end_host_devices_speedup_vs_pytorch"),
+         ".2f"),
         ("infer bs1 speedup, same env", ("speedups_same_env", "infer_bs1_speedup_vs_pytorch"), ".2f"),
         ("infer bs32 speedup, same env", ("speedups_same_env", "infer_bs32_speedup_vs_pytorch"), ".2f"),
         ("train step, share of f32 peak", ("share_of_peak", "train"), ".2f"),

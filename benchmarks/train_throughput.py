@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,8 +40,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from chest_jax import channels, loading, ofdm  # noqa: E402
+from chest_jax import channels, distributed, loading, ofdm  # noqa: E402
 from chest_jax import config as C  # noqa: E402
 from chest_jax import hostmem  # noqa: E402
 from chest_jax.metrics import to_real_pair  # noqa: E402
@@ -163,21 +165,50 @@ def bench_train_step(s: Setup, timing: Timing) -> dict[str, float]:
 
 
 def bench_end_to_end_step(s: Setup, timing: Timing) -> dict[str, float]:
-    """`train.make_train_step` as training runs it: a fresh batch generated on the device inside every step."""
+    """`train.make_train_step` as training runs it: a fresh batch generated on the device inside every step, the
+    batch sharded over the devices' data mesh when there are several (as `run_training` does; on a CPU, with
+    XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
+    mesh = distributed.make_mesh(s.cfg)
+    replicated = NamedSharding(mesh, P())
     step_fn = make_train_step(s.graphdef, s.tx, s.spec, s.batch_size, loss=s.cfg.training.loss,
-                              loss_weight=s.cfg.training.ch_loss_weight)
+                              loss_weight=s.cfg.training.ch_loss_weight,
+                              data_sharding=NamedSharding(mesh, P("data")) if mesh.size > 1 else None)
     trainable = s.fresh_trainable()
-    state = {"train": TrainState(jnp.int32(0), trainable, s.tx.init(trainable), jnp.int32(0), jnp.int32(-1))}
+    state = {"train": jax.device_put(TrainState(jnp.int32(0), trainable, s.tx.init(trainable), jnp.int32(0),
+                                                jnp.int32(-1)), replicated)}
+    frozen, bank, distance_range = jax.device_put((s.frozen, s.bank, s.distance_range), replicated)
     data_key, dropout_key = jax.random.key(3), jax.random.key(4)
 
     def call():
-        state["train"], metrics = step_fn(state["train"], s.frozen, s.bank, s.distance_range, data_key, dropout_key)
+        state["train"], metrics = step_fn(state["train"], frozen, bank, distance_range, data_key, dropout_key)
         return metrics, state["train"]
 
     result = _measure(call, s.batch_size, timing)
+    result["devices"] = mesh.size
     skipped = int(state["train"].nonfinite)
     if skipped:
         result["skipped_nonfinite_steps"] = skipped
+    return result
+
+
+def bench_end_to_end_on_host_devices(config: str | Path, overrides: Sequence[str], devices: int, *, steps: int | None,
+                                     quick: bool, timeout_s: float = 1800.0) -> dict[str, Any]:
+    """`bench_end_to_end_step` in a fresh process with `devices` CPU devices (XLA_FLAGS=
+    --xla_force_host_platform_device_count), so the step trains data-parallel over the cores; the device count
+    is fixed when JAX starts, hence the subprocess. {"error": ...} when it fails."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    with tempfile.TemporaryDirectory(prefix="host_devices_") as tmp:
+        out = Path(tmp) / "result.json"
+        argv = [sys.executable, str(Path(__file__).resolve()), "--config", str(config), "--end-to-end-only",
+                "--json", str(out), *(["--steps", str(steps)] if steps else []), *(["--quick"] if quick else []),
+                *overrides]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0 or not out.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"error": f"the {devices}-device process failed (exit {proc.returncode}): {' | '.join(tail)}"}
+        result = json.loads(out.read_text())["end_to_end_step"]
+    result["xla_flags"] = env["XLA_FLAGS"]
     return result
 
 
@@ -443,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny frame and model (smoke test in seconds; the numbers mean nothing)")
     parser.add_argument("--no-pytorch", action="store_true", help="skip the same-run PyTorch reference")
+    parser.add_argument("--end-to-end-only", action="store_true",
+                        help="measure the end-to-end step alone (what run_all runs on several CPU devices)")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args(argv)
     if args.quick:
@@ -453,8 +486,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run_steps == 1 or run_steps < 0:
         parser.error(f"--run-steps {run_steps}: give 0 (skip) or at least 2 steps")
     try:
-        report = run(args.config, args.overrides, steps=args.steps, run_steps=run_steps, quick=args.quick,
-                     pytorch=not args.no_pytorch)
+        if args.end_to_end_only:
+            cfg = load_config(args.config, args.overrides, args.quick)
+            result = bench_end_to_end_step(prepare(cfg), Timing.for_run(args.steps, args.quick))
+            print(f"end-to-end step on {result['devices']} device(s): {result['samples_per_s']:.1f} samples/s")
+            report = {"end_to_end_step": result, "machine": _common.machine_info()}
+        else:
+            report = run(args.config, args.overrides, steps=args.steps, run_steps=run_steps, quick=args.quick,
+                         pytorch=not args.no_pytorch)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -142,3 +142,41 @@ def test_pilot_queries_base_trains_reloads_and_refuses_the_default_model(tiny_cf
     assert saved_cfg.ch_estimation.queries == "pilots" and hasattr(model.ch_tf, "_query_proj")
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"ch_estimation\.queries: checkpoint 'pilots'"):
         loading.restore_base(result.run_dir, tiny_cfg(), config_source="test")
+
+
+def _train_on_cpu_devices(tmp_path, devices, *extra):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, tiny_overrides
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+    return subprocess.run([sys.executable, str(REPO / "train_base.py"), "--no-progress",
+                           *tiny_overrides(tmp_path, "training.saved_model_name=dp", *extra)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_training_data_parallel_over_two_cpu_devices_matches_one_device(tmp_path, tiny_cfg):
+    # XLA_FLAGS=--xla_force_host_platform_device_count=2: the batch is sharded over two CPU devices (one per
+    # core). Same data, dropout masks and updates; only the gradient's summation order differs.
+    proc = _train_on_cpu_devices(tmp_path, 2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "devices: 2 x cpu" in proc.stdout + proc.stderr
+    single = run_training(tiny_cfg("training.saved_model_name=single"), kind="base", log=quiet, progress=False)
+    parallel = json.loads((tmp_path / "runs" / "dp" / "summary.json").read_text())
+    assert parallel["steps"] == single.final_step
+    assert abs(parallel["val_nmse_db"] - single.val_nmse_db) < 0.01
+    a, b = _final_params(tmp_path / "runs" / "dp"), _final_params(single.run_dir)
+    # Adam divides by sqrt(v): where a gradient is near zero its rounding difference is amplified (JAX_NOTES)
+    worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert worst < 2e-3, worst
+
+
+def test_lmmse_pdp_on_several_cpu_devices_is_refused_with_the_fix(tmp_path):
+    proc = _train_on_cpu_devices(tmp_path, 2, "ch_estimation.residual=gated", "ch_estimation.reference=lmmse_pdp")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "lmmse_pdp cannot train on 2 CPU devices" in proc.stderr and "xla_force_host_platform_device_count" in \
+        proc.stderr
+    assert not (tmp_path / "runs" / "dp" / "checkpoints").exists()
