@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,18 @@ def section_overrides(cfg: C.Config, sections: Sequence[str] = ("dataset", "ch_e
 
 def error_record(exc: BaseException) -> dict[str, str]:
     return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_for_json(argv: Sequence[str], env: dict[str, str], result_file: Path, what: str,
+                 timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Run `argv` (a benchmark script) in a fresh process with `env` and return the JSON it writes to
+    `result_file`; {"error": ...} naming `what` and the last lines of its output when it fails. For what must be
+    measured in another environment than this process's (malloc tunables, XLA_FLAGS read when JAX starts)."""
+    proc = subprocess.run(list(argv), env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0 or not result_file.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}"}
+    return json.loads(result_file.read_text())
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -100,13 +99,8 @@ def measure_in_subprocess(cfg, batch_inputs: np.ndarray, batch_h: np.ndarray, fu
         np.savez(work / "batches.npz", inputs=batch_inputs, h=batch_h,
                  **{f"full_{b}": x for b, x in full_inputs.items()})
         (work / "timing.json").write_text(json.dumps({"min_calls": min_calls, "min_seconds": min_seconds}))
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(work)], env=dict(env),
-                              capture_output=True, text=True, timeout=timeout_s)
-        result_file = work / "result.json"
-        if proc.returncode != 0 or not result_file.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return {"error": f"the reference's process failed (exit {proc.returncode}): {' | '.join(tail)}"}
-        return json.loads(result_file.read_text())
+        return _common.run_for_json([sys.executable, str(Path(__file__).resolve()), str(work)], dict(env),
+                                    work / "result.json", "the reference's process", timeout_s)
 
 
 def _main(work: Path) -> int:

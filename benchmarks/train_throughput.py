@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -203,11 +202,8 @@ def bench_end_to_end_on_host_devices(config: str | Path, overrides: Sequence[str
         argv = [sys.executable, str(Path(__file__).resolve()), "--config", str(config), "--end-to-end-only",
                 "--json", str(out), *(["--steps", str(steps)] if steps else []), *(["--quick"] if quick else []),
                 *overrides]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return {"error": f"the {devices}-device process failed (exit {proc.returncode}): {' | '.join(tail)}"}
-        result = json.loads(out.read_text())["end_to_end_step"]
+        report = _common.run_for_json(argv, env, out, f"the {devices}-device process", timeout_s)
+    result = report.get("end_to_end_step", report)
     result["xla_flags"] = env["XLA_FLAGS"]
     return result
 

@@ -5,8 +5,8 @@ the batch is sharded over it (`dataset.batch_size` is the global batch). On a cl
 command; `maybe_initialize_distributed` joins them before any JAX computation.
 
 On a multi-core CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N CPU devices and the same mesh
-trains data-parallel over them (README "Speed": the full-config step went from 24 to 31 samples/s with N = 2 on
-the 2-core machine, each core running half the batch instead of both splitting every op).
+trains data-parallel over them (README "Benchmarks": the full-config step went from 24 to 31 samples/s with N = 2
+on the 2-core machine, each core running half the batch instead of both splitting every op).
 """
 from __future__ import annotations
 
