@@ -174,9 +174,12 @@ def test_training_data_parallel_over_two_cpu_devices_matches_one_device(tmp_path
     assert worst < 2e-3, worst
 
 
-def test_lmmse_pdp_on_several_cpu_devices_is_refused_with_the_fix(tmp_path):
-    proc = _train_on_cpu_devices(tmp_path, 2, "ch_estimation.residual=gated", "ch_estimation.reference=lmmse_pdp")
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "lmmse_pdp cannot train on 2 CPU devices" in proc.stderr and "xla_force_host_platform_device_count" in \
-        proc.stderr
-    assert not (tmp_path / "runs" / "dp" / "checkpoints").exists()
+def test_lmmse_pdp_on_several_cpu_devices_is_refused_with_the_fix(tiny_cfg, monkeypatch):
+    from chest_jax import distributed
+
+    cpu = jax.devices("cpu")[0]
+    monkeypatch.setattr(distributed.jax, "devices", lambda *a: [cpu, cpu])  # as with device_count=2
+    with pytest.raises(C.ConfigError) as e:
+        distributed.make_mesh(tiny_cfg("ch_estimation.residual=gated", "ch_estimation.reference=lmmse_pdp"))
+    assert "lmmse_pdp cannot train on 2 CPU devices" in str(e.value)
+    assert "xla_force_host_platform_device_count" in str(e.value)
