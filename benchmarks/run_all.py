@@ -124,13 +124,10 @@ def bench_config(config: str, overrides: Sequence[str], run_steps: int, *, quick
 
     train, e2e = out["train_step"], out["end_to_end_step"]
     infer_ms = {b: out[f"infer_bs{b}"].get("median_ms") for b in tt.INFER_BATCH_SIZES}
-    out["speedups"] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms, out["pytorch"])
-    out["speedups_same_env"] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms,
-                                           out["pytorch_same_env"])
     parallel = (out.get("end_to_end_step_host_devices") or {}).get("samples_per_s")
     for key, reference in (("speedups", out["pytorch"]), ("speedups_same_env", out["pytorch_same_env"])):
-        out[key]["end_to_end_host_devices_speedup_vs_pytorch"] = tt.speedups(None, parallel, {}, reference)[
-            "end_to_end_speedup_vs_pytorch"]
+        out[key] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms, reference,
+                               end_to_end_host_devices_samples_per_s=parallel)
     out["share_of_peak"] = tt.share_of_peak(out["flops"], train.get("samples_per_s"), infer_ms, peak)
     return out
 

@@ -330,9 +330,11 @@ def bench_run_training(cfg: C.Config, steps: int) -> dict[str, Any]:
 
 
 def speedups(train_samples_per_s: float | None, end_to_end_samples_per_s: float | None,
-             infer_ms: dict[int, float | None], reference: dict[str, Any]) -> dict[str, float | None]:
+             infer_ms: dict[int, float | None], reference: dict[str, Any], *,
+             end_to_end_host_devices_samples_per_s: float | None = None) -> dict[str, float | None]:
     """Ratios of our samples/s to the same-run PyTorch reference's (`bench_pytorch`); null where either is
-    missing."""
+    missing. The end-to-end step data-parallel over CPU devices (`bench_end_to_end_on_host_devices`, null when
+    not measured) is set against the reference's train step too."""
     def theirs(key: str) -> float | None:
         return (reference.get(key) or {}).get("samples_per_s")
 
@@ -343,6 +345,7 @@ def speedups(train_samples_per_s: float | None, end_to_end_samples_per_s: float 
     return {
         "train_speedup_vs_pytorch": ratio(train_samples_per_s, theirs("train")),
         "end_to_end_speedup_vs_pytorch": ratio(end_to_end_samples_per_s, theirs("train")),
+        "end_to_end_host_devices_speedup_vs_pytorch": ratio(end_to_end_host_devices_samples_per_s, theirs("train")),
         "infer_bs1_speedup_vs_pytorch": ratio(rate(infer_ms.get(1), 1), theirs("infer_bs1")),
         "infer_bs32_speedup_vs_pytorch": ratio(rate(infer_ms.get(32), 32), theirs("infer_bs32")),
     }
@@ -448,8 +451,8 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
     log(f"data generation {report['data_ms_per_batch']:.2f} ms per batch of {report['batch_size']} = "
         f"{100 * report['data_share_of_step']:.0f}% of an end-to-end step; compile {report['compile_s']:.1f} s")
     log("pytorch: the reference in its users' default environment (no huge-page malloc)")
-    same = report.get("speedups_same_env") or {}
-    if any(v is not None for v in same.values()):
+    same = {k: v for k, v in (report.get("speedups_same_env") or {}).items() if v is not None}
+    if same:
         log("speedups against the reference in this process's environment (same malloc settings): " + ", ".join(
             f"{k.replace('_speedup_vs_pytorch', '')} {f(v, '.2f')}x" for k, v in same.items()))
     for name, r in (("pytorch reference", ref), ("pytorch reference (same environment)",
