@@ -182,7 +182,8 @@ def bench_end_to_end_step(s: Setup, timing: Timing) -> dict[str, float]:
         state["train"], metrics = step_fn(state["train"], frozen, bank, distance_range, data_key, dropout_key)
         return metrics, state["train"]
 
-    result = _measure(call, s.batch_size, timing)
+    with jax.set_mesh(mesh):  # as run_training does
+        result = _measure(call, s.batch_size, timing)
     result["devices"] = mesh.size
     skipped = int(state["train"].nonfinite)
     if skipped:

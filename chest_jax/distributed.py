@@ -22,15 +22,6 @@ def make_mesh(cfg: config_lib.Config) -> jax.sharding.Mesh:
     """A 1-D mesh ('data',) over the devices of cfg.training.device; the batch size must divide evenly."""
     devices = jax.devices() if cfg.training.device == "auto" else jax.devices(cfg.training.device)
     n = len(devices)
-    m = cfg.ch_estimation
-    if n > 1 and devices[0].platform == "cpu" and m.residual != "none" and m.reference == "lmmse_pdp":
-        # jaxlib's batched LAPACK Cholesky spreads its batch over the process's shared CPU thread pool and blocks
-        # until that work is done; with two CPU devices running the step at once, both kernels wait on a pool
-        # whose threads they occupy, and the first step never finishes (seen with 2 devices on 2 cores).
-        raise config_lib.ConfigError(
-            f"ch_estimation.reference: lmmse_pdp cannot train on {n} CPU devices (jaxlib's batched Cholesky "
-            "deadlocks when several CPU devices run it at once); train on one CPU device (unset "
-            "--xla_force_host_platform_device_count in XLA_FLAGS) or use another reference")
     if cfg.dataset.batch_size % n:
         raise config_lib.ConfigError(
             f"dataset.batch_size: {cfg.dataset.batch_size} is not divisible by the {n} devices it is sharded over; "

@@ -356,19 +356,88 @@ def box_lmmse(pilots_BxP, pdp_BxM, basis: DelayBoxBasis, relative_noise_B, xp=np
     the default frame). Equal powers give the robust LMMSE up to the basis's truncation.
     """
     cdtype = np.complex128 if xp is np else np.complex64
-    rank = basis.box_R.size
     root_d_BxR = xp.sqrt(xp.maximum(pdp_BxM[:, basis.box_R], 0.0)).astype(cdtype)
     z_BxR = pilots_BxP @ xp.asarray(basis.f_pilots_PxR.conj(), dtype=cdtype)
-    system_BxRxR = root_d_BxR[:, :, None] * xp.asarray(basis.gram_RxR, dtype=cdtype)[None] \
-        * root_d_BxR[:, None, :] + relative_noise_B[:, None, None].astype(cdtype) * xp.eye(rank, dtype=cdtype)[None]
-    rhs_BxRx1 = (root_d_BxR * z_BxR)[:, :, None]
+    args = (root_d_BxR, relative_noise_B.astype(cdtype), root_d_BxR * z_BxR, xp.asarray(basis.gram_RxR, dtype=cdtype))
     if xp is np:
-        c_BxR = np.linalg.solve(system_BxRxR, rhs_BxRx1)[..., 0]
+        c_BxR = np.linalg.solve(_box_system(*args[:2], args[3], np), args[2][..., None])[..., 0]
     else:
-        import jax.scipy.linalg as jsl
+        import jax
 
-        c_BxR = jsl.cho_solve(jsl.cho_factor(system_BxRxR, lower=True), rhs_BxRx1)[..., 0]
+        c_BxR = jax.lax.platform_dependent(*args, cpu=_box_solve_one_at_a_time, default=_box_solve_batched)
     return (root_d_BxR * c_BxR) @ xp.asarray(basis.f_KxR.T, dtype=cdtype)
+
+
+def _box_system(root_d_BxR, relative_noise_B, gram_RxR, xp):
+    """The (B, R, R) Hermitian positive definite system of `box_lmmse`: D^(1/2) G D^(1/2) + s I."""
+    eye_RxR = xp.eye(gram_RxR.shape[0], dtype=gram_RxR.dtype)
+    return root_d_BxR[:, :, None] * gram_RxR[None] * root_d_BxR[:, None, :] \
+        + relative_noise_B[:, None, None] * eye_RxR[None]
+
+
+def _box_solve_batched(root_d_BxR, relative_noise_B, rhs_BxR, gram_RxR):
+    """`box_lmmse`'s solve in one batched Cholesky (jax.numpy; what GPUs run)."""
+    import jax.numpy as jnp
+    import jax.scipy.linalg as jsl
+
+    system_BxRxR = _box_system(root_d_BxR, relative_noise_B, gram_RxR, jnp)
+    return jsl.cho_solve(jsl.cho_factor(system_BxRxR, lower=True), rhs_BxR[:, :, None])[..., 0]
+
+
+def _box_solve_one_at_a_time(root_d_BxR, relative_noise_B, rhs_BxR, gram_RxR):
+    """`box_lmmse`'s solve one sample after another (jax.numpy; what CPUs run), the same arithmetic per sample.
+
+    Why not one batched Cholesky on a CPU: jaxlib hands its batch to the process's shared thread pool and waits, so
+    two CPU devices running it at once (data-parallel over the cores) deadlocked; one system at a time never
+    waits on the pool and never holds the (B, R, R) systems at once (38 MB at the default frame). Under a mesh with
+    a `data` axis (`jax.set_mesh`, as `run_training` sets) the batch is split into the devices' blocks first and
+    each loop step solves one sample of every block, so each device loops over its own samples only; without
+    that split the partitioner gathered the loop's inputs to every device. The LAPACK underneath is kept to one
+    thread (`_single_thread_lapack`)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    _single_thread_lapack()
+    batch = rhs_BxR.shape[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else int(dict(mesh.shape).get("data", 1))
+    shards = shards if batch % shards == 0 else 1
+
+    def blocks(x):  # (B, ...) -> (B / shards, shards, ...): sample i of every device's block per loop step
+        x = jnp.swapaxes(x.reshape((shards, batch // shards) + x.shape[1:]), 0, 1)
+        return x if shards == 1 else jax.lax.with_sharding_constraint(x, P(None, "data"))
+
+    out = jax.lax.map(lambda a: _box_solve_batched(*a, gram_RxR),
+                      (blocks(root_d_BxR), blocks(relative_noise_B), blocks(rhs_BxR)))
+    return jnp.swapaxes(out, 0, 1).reshape(rhs_BxR.shape)
+
+
+@functools.lru_cache(maxsize=1)
+def _single_thread_lapack() -> bool:
+    """Keep scipy's OpenBLAS, which jaxlib's CPU LAPACK kernels call, to one thread; True if it was found.
+
+    XLA:CPU already runs its kernels on a thread pool of its own, one thread per core; OpenBLAS starting its own
+    threads inside a kernel competes with it. Measured on the 2-core machine: 32 Cholesky solves of the default
+    frame's 384 x 384 systems one at a time 61 -> 59 ms on one CPU device and, split over two CPU devices,
+    120 -> 38 ms; the shipped preset's end-to-end train step on two devices 108 -> 186 samples/s. Process-wide for
+    that library (numpy's own OpenBLAS is a separate one and keeps its threads); a no-op where it is not found."""
+    import ctypes
+    import glob
+    import os
+
+    import scipy
+    import scipy.linalg.cython_lapack  # noqa: F401 - loads the library jaxlib calls
+
+    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "lib*openblas*.so*"))):
+        lib = ctypes.CDLL(path)  # the instance already loaded: dlopen returns the same handle
+        for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            setter = getattr(lib, name, None)
+            if setter is not None:
+                setter(1)
+                return True
+    return False
 
 
 def pdp_lmmse(pilots_BxP, dmrs: tuple[int, int, int], num_used: int, cp_fraction: float, xp=np, noise_B=None):

@@ -386,7 +386,9 @@ def run_training(cfg: config_lib.Config, *, kind: str, resume: bool = False, ove
     loop = _Loop(cfg, kind, run_dir, state, frozen, setup.graphdef, checkpoints, setup.origin, validation,
                  metrics_log, runlog.progress(setup.start, t.num_iter, progress, log), log)
     try:
-        with _StopRequest() as stop:
+        # the mesh in context lets code inside the step see the data axis (references.box_lmmse splits its
+        # per-sample loop by device under it)
+        with _StopRequest() as stop, jax.set_mesh(mesh):
             if loop.run(step_fn, frozen, bank, distance_range, keys, end, stop):
                 checkpoints.close()
                 return RunResult(run_dir, loop.step, None, loop.val["val_nmse_db"] if loop.val else None,

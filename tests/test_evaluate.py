@@ -245,6 +245,80 @@ def test_box_lmmse_is_the_lmmse_of_its_box_profile_and_equal_boxes_are_the_robus
     assert _rel_err(references.box_lmmse(y, pdp, basis, s), np.array(direct)) < 3e-3
 
 
+def test_box_lmmse_in_jax_solves_one_sample_at_a_time_on_cpu_as_the_batched_solve_and_numpy_do(tiny_cfg):
+    import jax
+    import jax.numpy as jnp
+
+    spec, arr, y = _pilot_set(tiny_cfg, "InF_Los", 100.0, 5, 2)
+    basis = references.delay_box_basis(spec.dmrs, spec.num_used, spec.cp_fraction)
+    pdp = np.random.default_rng(1).dirichlet(np.ones(basis.bins_per_box.size), size=len(y))
+    s = np.random.default_rng(2).uniform(1e-3, 1e-1, len(y))
+    y64, pdp32, s32 = jnp.asarray(y, jnp.complex64), jnp.asarray(pdp, jnp.float32), jnp.asarray(s, jnp.float32)
+    on_cpu = jax.jit(lambda y, p, s: references.box_lmmse(y, p, basis, s, xp=jnp))
+    # the CPU branch is what the platform lowering picks: a loop over the samples, one Cholesky each
+    assert "stablehlo.while" in on_cpu.lower(y64, pdp32, s32).as_text()
+    assert _rel_err(np.asarray(on_cpu(y64, pdp32, s32)), references.box_lmmse(y, pdp, basis, s)) < 1e-5
+    # the batched solve (what other platforms run) gives the same numbers
+    root_d = jnp.sqrt(pdp32[:, basis.box_R]).astype(jnp.complex64)
+    rhs = root_d * (y64 @ jnp.asarray(basis.f_pilots_PxR.conj(), jnp.complex64))
+    args = (root_d, s32.astype(jnp.complex64), rhs, jnp.asarray(basis.gram_RxR, jnp.complex64))
+    one_at_a_time = np.asarray(jax.jit(references._box_solve_one_at_a_time)(*args))
+    batched = np.asarray(jax.jit(references._box_solve_batched)(*args))
+    np.testing.assert_allclose(one_at_a_time, batched, rtol=1e-6, atol=1e-6 * np.abs(batched).max())
+
+
+_TWO_DEVICE_PDP = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from chest_jax import references
+dmrs, cp = (0, 384, 6), 0.0708
+y = np.random.default_rng(0).standard_normal((8, 64, 2)).astype(np.float32)
+y = jnp.asarray(y[..., 0] + 1j * y[..., 1])
+f = jax.jit(lambda y: references.pdp_lmmse(y, dmrs, 384, cp, xp=jnp))
+one = np.asarray(f(y))
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+with jax.set_mesh(mesh):
+    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+    two, hlo = np.asarray(f(ys)), f.lower(ys).compile().as_text()
+print("rel", float(np.max(np.abs(two - one)) / np.max(np.abs(one))))
+print("cholesky", ";".join(line.split("=")[1].split("custom-call")[0].strip() for line in hlo.splitlines()
+                            if "lapack_cpotrf" in line and "custom-call(" in line))
+"""
+
+
+def test_lmmse_pdp_under_a_two_device_mesh_loops_over_each_devices_samples():
+    # Data-parallel over two CPU devices (run_training sets the mesh): each device solves its own samples one at a
+    # time (one system per LAPACK call; a batched call of the device's 4 deadlocked there), as on one device.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICE_PDP], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("rel", "cholesky")))
+    assert float(lines["rel"]) < 1e-5
+    shapes = lines["cholesky"].split(";")  # the shapes of the LAPACK Cholesky calls in the compiled program
+    assert shapes and all(shape.startswith("(c64[1,") for shape in shapes), shapes
+
+
+def test_jaxlibs_lapack_is_kept_to_one_thread():
+    import ctypes
+    import glob
+    import os
+
+    import scipy
+
+    found = references._single_thread_lapack()
+    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs", "lib*openblas*"))
+    getter = next((getattr(ctypes.CDLL(p), "scipy_openblas_get_num_threads", None) for p in libs), None)
+    if getter is None:
+        pytest.skip("this scipy build has no scipy_openblas library to inspect")
+    assert found and getter() == 1
+
+
 def test_estimated_pdp_finds_a_single_tap_and_lmmse_pdp_beats_the_adaptive_lmmse(tiny_cfg):
     spec, arr, y = _pilot_set(tiny_cfg, "RMa_Los", 100.0, 24, 3)
     basis = references.delay_box_basis(spec.dmrs, spec.num_used, spec.cp_fraction)
