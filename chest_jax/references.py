@@ -420,7 +420,8 @@ def _single_thread_lapack() -> bool:
     XLA:CPU already runs its kernels on a thread pool of its own, one thread per core; OpenBLAS starting its own
     threads inside a kernel competes with it. Measured on the 2-core machine: 32 Cholesky solves of the default
     frame's 384 x 384 systems one at a time 61 -> 59 ms on one CPU device and, split over two CPU devices,
-    120 -> 38 ms; the shipped preset's end-to-end train step on two devices 108 -> 186 samples/s. Process-wide for
+    120 -> 38 ms; the shipped preset's end-to-end train step on two devices 108 -> 186 samples/s
+    (OPENBLAS_NUM_THREADS=1 against unset, one run each). Process-wide for
     that library (numpy's own OpenBLAS is a separate one and keeps its threads); a no-op where it is not found."""
     import ctypes
     import glob
