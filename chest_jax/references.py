@@ -358,13 +358,15 @@ def box_lmmse(pilots_BxP, pdp_BxM, basis: DelayBoxBasis, relative_noise_B, xp=np
     cdtype = np.complex128 if xp is np else np.complex64
     root_d_BxR = xp.sqrt(xp.maximum(pdp_BxM[:, basis.box_R], 0.0)).astype(cdtype)
     z_BxR = pilots_BxP @ xp.asarray(basis.f_pilots_PxR.conj(), dtype=cdtype)
-    args = (root_d_BxR, relative_noise_B.astype(cdtype), root_d_BxR * z_BxR, xp.asarray(basis.gram_RxR, dtype=cdtype))
+    noise_B, rhs_BxR = relative_noise_B.astype(cdtype), root_d_BxR * z_BxR
+    gram_RxR = xp.asarray(basis.gram_RxR, dtype=cdtype)
     if xp is np:
-        c_BxR = np.linalg.solve(_box_system(*args[:2], args[3], np), args[2][..., None])[..., 0]
+        c_BxR = np.linalg.solve(_box_system(root_d_BxR, noise_B, gram_RxR, np), rhs_BxR[..., None])[..., 0]
     else:
         import jax
 
-        c_BxR = jax.lax.platform_dependent(*args, cpu=_box_solve_one_at_a_time, default=_box_solve_batched)
+        c_BxR = jax.lax.platform_dependent(root_d_BxR, noise_B, rhs_BxR, gram_RxR, cpu=_box_solve_one_at_a_time,
+                                           default=_box_solve_batched)
     return (root_d_BxR * c_BxR) @ xp.asarray(basis.f_KxR.T, dtype=cdtype)
 
 
@@ -401,7 +403,7 @@ def _box_solve_one_at_a_time(root_d_BxR, relative_noise_B, rhs_BxR, gram_RxR):
     _single_thread_lapack()
     batch = rhs_BxR.shape[0]
     mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty else int(dict(mesh.shape).get("data", 1))
+    shards = 1 if mesh.empty else int(mesh.shape.get("data", 1))
     shards = shards if batch % shards == 0 else 1
 
     def blocks(x):  # (B, ...) -> (B / shards, shards, ...): sample i of every device's block per loop step
@@ -424,14 +426,10 @@ def _single_thread_lapack() -> bool:
     (OPENBLAS_NUM_THREADS=1 against unset, one run each). Process-wide for
     that library (numpy's own OpenBLAS is a separate one and keeps its threads); a no-op where it is not found."""
     import ctypes
-    import glob
-    import os
 
-    import scipy
     import scipy.linalg.cython_lapack  # noqa: F401 - loads the library jaxlib calls
 
-    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
-    for path in sorted(glob.glob(os.path.join(libs, "lib*openblas*.so*"))):
+    for path in scipy_openblas_paths():
         lib = ctypes.CDLL(path)  # the instance already loaded: dlopen returns the same handle
         for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
             setter = getattr(lib, name, None)
@@ -439,6 +437,17 @@ def _single_thread_lapack() -> bool:
                 setter(1)
                 return True
     return False
+
+
+def scipy_openblas_paths() -> list[str]:
+    """The OpenBLAS libraries bundled with the installed scipy wheel (`scipy.libs/`), sorted; empty for other builds."""
+    import glob
+    import os
+
+    import scipy
+
+    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+    return sorted(glob.glob(os.path.join(libs, "lib*openblas*.so*")))
 
 
 def pdp_lmmse(pilots_BxP, dmrs: tuple[int, int, int], num_used: int, cp_fraction: float, xp=np, noise_B=None):

@@ -306,14 +306,10 @@ def test_lmmse_pdp_under_a_two_device_mesh_loops_over_each_devices_samples():
 
 def test_jaxlibs_lapack_is_kept_to_one_thread():
     import ctypes
-    import glob
-    import os
-
-    import scipy
 
     found = references._single_thread_lapack()
-    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs", "lib*openblas*"))
-    getter = next((getattr(ctypes.CDLL(p), "scipy_openblas_get_num_threads", None) for p in libs), None)
+    getter = next((getattr(ctypes.CDLL(p), "scipy_openblas_get_num_threads", None)
+                   for p in references.scipy_openblas_paths()), None)
     if getter is None:
         pytest.skip("this scipy build has no scipy_openblas library to inspect")
     assert found and getter() == 1
