@@ -24,7 +24,7 @@ from flax import nnx
 
 from chest_jax.config import PeftConfig
 from chest_jax import trees
-from chest_jax.model import Linear, dropout, torch_linear_default_init, xavier_uniform
+from chest_jax.model import Linear, dropout, matmul, torch_linear_default_init, xavier_uniform
 
 # PEFT initialises lora_A like a torch nn.Linear weight (kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(in_features)).
 lora_a_init = torch_linear_default_init
@@ -65,8 +65,8 @@ class LoRALinear(Linear):
         y = super().__call__(x)
         key = _DROPOUT_KEYS.get().get(id(self))
         x_lora = x if key is None else dropout(x, self.lora_dropout, key)
-        delta = (x_lora.astype(y.dtype) @ self.lora_A[...].astype(y.dtype)) @ self.lora_B[...].astype(y.dtype)
-        return y + delta * jnp.asarray(self.scaling, y.dtype)
+        delta = matmul(matmul(x_lora, self.lora_A[...], y.dtype), self.lora_B[...], y.dtype)
+        return (y + delta * self.scaling).astype(y.dtype)
 
     def affine(self) -> tuple[jax.Array, jax.Array] | None:
         """(merged kernel, bias) while the adapter's dropout is off; None while it is on (the map then differs per

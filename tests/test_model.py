@@ -201,6 +201,32 @@ def test_bfloat16_mixed_precision_keeps_float32_params_and_outputs():
     assert 0 < relative_error < 0.05
 
 
+def test_bfloat16_matmuls_take_bfloat16_operands_and_accumulate_in_float32():
+    """Every matmul of the bf16 forward is bf16 x bf16 -> f32 (the float32 parameter folds aside), and XLA:CPU
+    keeps such dots in bfloat16; a bf16 -> bf16 dot, which it rewrites into a float32 dot on converted operands,
+    is emitted nowhere. In float32 every matmul is float32."""
+    import sys
+
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import precision_hlo
+
+    x = random_input(9)
+    for dtype, expected in ((jnp.bfloat16, {"bf16 x bf16 -> f32", "f32 x f32 -> f32"}),
+                            (jnp.float32, {"f32 x f32 -> f32"})):
+        model = Estimator_v4(tiny_cfg(), TINY_DMRS, rngs=nnx.Rngs(0), compute_dtype=dtype)
+        graphdef, state = nnx.split(model)
+        lowered = jax.jit(lambda st, inputs: nnx.merge(graphdef, st)(inputs)[0]).lower(state, x)
+        emitted = precision_hlo.lowered_dots(lowered.as_text())
+        assert set(emitted) == expected, emitted
+        if dtype == jnp.bfloat16:
+            # the per-token matmuls (projections, feed-forward, output layer) are bf16: more than the f32 folds
+            assert emitted["bf16 x bf16 -> f32"] > emitted["f32 x f32 -> f32"], emitted
+            if jax.default_backend() == "cpu":
+                compiled = precision_hlo.compiled_dots(lowered.compile().as_text())
+                assert compiled.get("bf16 x bf16 -> f32", 0) > 0 and "bf16 x bf16 -> bf16" not in compiled, compiled
+
+
 def test_positional_encoding_formula():
     n, d = 32, 24
     pe = positional_encoding_sine(n, d)
