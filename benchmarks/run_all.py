@@ -5,8 +5,9 @@
 For configs/base.yaml ("full", the original's model) and configs/quick/base.yaml ("preset", the CPU model):
 data generation (benchmarks/data_throughput.py: full frames and pilots only, batch 32 and 256, against a NumPy
 loop), the train step alone, the end-to-end train step, a short `run_training` (20 steps full, 100 preset),
-inference latency at batch 1 and 32 (benchmarks/train_throughput.py says how each is measured), and peak
-memory. The preset runs first; when two configs share their dataset section, the data benchmark runs once.
+inference latency at batch 1 and 32, in float32 and (the same parameters) in bfloat16
+(benchmarks/train_throughput.py says how each is measured), and peak memory. The preset runs first; when two
+configs share their dataset section, the data benchmark runs once.
 
 Each measurement runs on its own: one that fails is recorded as {"error": "..."} and the others still run.
 Memory is a high-water mark of the whole process (host: getrusage ru_maxrss; device: memory_stats()
@@ -48,7 +49,6 @@ CONFIGS = (
     ("full", "configs/base.yaml", (), 20, True, True),
 )
 QUICK_RUN_STEPS = 4
-MEASUREMENTS = ("data", "train_step", "end_to_end_step", "run_training", "infer_bs1", "infer_bs32")
 
 
 def guarded(name: str, measure: Callable[[], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
@@ -106,6 +106,9 @@ def bench_config(config: str, overrides: Sequence[str], run_steps: int, *, quick
         for b in tt.INFER_BATCH_SIZES:
             out[f"infer_bs{b}"] = guarded(f"{name}: inference batch {b}", lambda b=b: tt.bench_inference(s, b, timing),
                                           log)
+        for b in tt.INFER_BATCH_SIZES:  # the same parameters computing in bfloat16 (compare.precision)
+            out[f"infer_bf16_bs{b}"] = guarded(f"{name}: inference batch {b}, bfloat16", lambda b=b: tt.bench_inference(
+                s, b, timing, precision="bfloat16"), log)
         out["flops"] = guarded(f"{name}: FLOPs per sample (XLA cost analysis)", lambda: tt.flops_per_sample(s), log)
         skipped = {"skipped": "the original cannot represent this model"}
         out["pytorch"] = (guarded(f"{name}: PyTorch reference (its users' environment, a subprocess)",
@@ -114,8 +117,8 @@ def bench_config(config: str, overrides: Sequence[str], run_steps: int, *, quick
                                            lambda: tt.bench_pytorch(s, timing), log) if pytorch else skipped)
         del s  # the model and bank of this config are not needed by run_training, which builds its own
     else:
-        for key in ("train_step", "end_to_end_step", *(f"infer_bs{b}" for b in tt.INFER_BATCH_SIZES), "flops",
-                    "pytorch", "pytorch_same_env"):
+        for key in ("train_step", "end_to_end_step", *(f"infer_bs{b}" for b in tt.INFER_BATCH_SIZES),
+                    *(f"infer_bf16_bs{b}" for b in tt.INFER_BATCH_SIZES), "flops", "pytorch", "pytorch_same_env"):
             out[key] = {"error": f"not run: the setup failed ({setup['error']})"}
     out["run_training"] = guarded(f"{name}: run_training {run_steps} steps",
                                   lambda: tt.bench_run_training(cfg, run_steps), log)
@@ -123,10 +126,11 @@ def bench_config(config: str, overrides: Sequence[str], run_steps: int, *, quick
 
     train, e2e = out["train_step"], out["end_to_end_step"]
     infer_ms = {b: out[f"infer_bs{b}"].get("median_ms") for b in tt.INFER_BATCH_SIZES}
+    infer_bf16_ms = {b: out[f"infer_bf16_bs{b}"].get("median_ms") for b in tt.INFER_BATCH_SIZES}
     parallel = (out.get("end_to_end_step_host_devices") or {}).get("samples_per_s")
     for key, reference in (("speedups", out["pytorch"]), ("speedups_same_env", out["pytorch_same_env"])):
         out[key] = tt.speedups(train.get("samples_per_s"), e2e.get("samples_per_s"), infer_ms, reference,
-                               end_to_end_host_devices_samples_per_s=parallel)
+                               end_to_end_host_devices_samples_per_s=parallel, infer_bf16_ms=infer_bf16_ms)
     out["share_of_peak"] = tt.share_of_peak(out["flops"], train.get("samples_per_s"), infer_ms, peak)
     return out
 
@@ -187,6 +191,8 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
         ("run_training wall, samples/s", ("run_training", "samples_per_s_wall"), ".1f"),
         ("inference bs1, ms", ("infer_bs1", "median_ms"), ".2f"),
         ("inference bs32, ms", ("infer_bs32", "median_ms"), ".2f"),
+        ("inference bs1 bfloat16, ms", ("infer_bf16_bs1", "median_ms"), ".2f"),
+        ("inference bs32 bfloat16, ms", ("infer_bf16_bs32", "median_ms"), ".2f"),
         ("compile end-to-end step, s", ("end_to_end_step", "compile_s"), ".1f"),
         ("host peak RSS, MiB", ("memory", "host_peak_rss_mb"), ".0f"),
         ("device peak, MiB", ("memory", "device_peak_bytes"), None),
@@ -198,6 +204,8 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
         ("e2e 1 dev/core speedup vs pytorch", ("speedups", "end_to_end_host_devices_speedup_vs_pytorch"), ".2f"),
         ("infer bs1 speedup vs pytorch", ("speedups", "infer_bs1_speedup_vs_pytorch"), ".2f"),
         ("infer bs32 speedup vs pytorch", ("speedups", "infer_bs32_speedup_vs_pytorch"), ".2f"),
+        ("bf16 infer bs1 speedup vs pytorch", ("speedups", "infer_bf16_bs1_speedup_vs_pytorch"), ".2f"),
+        ("bf16 infer bs32 speedup vs pytorch", ("speedups", "infer_bf16_bs32_speedup_vs_pytorch"), ".2f"),
         ("pytorch same env, train samples/s", ("pytorch_same_env", "train", "samples_per_s"), ".1f"),
         ("pytorch same env, inf bs1 ms", ("pytorch_same_env", "infer_bs1", "median_ms"), ".2f"),
         ("pytorch same env, inf bs32 ms", ("pytorch_same_env", "infer_bs32", "median_ms"), ".2f"),
@@ -206,6 +214,8 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
          ".2f"),
         ("infer bs1 speedup, same env", ("speedups_same_env", "infer_bs1_speedup_vs_pytorch"), ".2f"),
         ("infer bs32 speedup, same env", ("speedups_same_env", "infer_bs32_speedup_vs_pytorch"), ".2f"),
+        ("bf16 infer bs1 speedup, same env", ("speedups_same_env", "infer_bf16_bs1_speedup_vs_pytorch"), ".2f"),
+        ("bf16 infer bs32 speedup, same env", ("speedups_same_env", "infer_bf16_bs32_speedup_vs_pytorch"), ".2f"),
         ("train step, share of f32 peak", ("share_of_peak", "train"), ".2f"),
         ("inference bs32, share of peak", ("share_of_peak", "infer_bs32"), ".2f"),
     ]

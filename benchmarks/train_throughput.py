@@ -11,7 +11,8 @@ Measures, for one config (default: the full-size configs/base.yaml, batch 32):
                     setup, compilation, logging, the final validation, checkpoint and model save, and the
                     steady rate between log points after the first (which holds the compilation);
   inference         the jitted eval-mode forward (`loading.make_predict_fn`) on full 14-symbol frames at
-                    batch 1 and 32.
+                    batch 1 and 32; for a float32 config also with the same parameters computing in bfloat16
+                    (what `compare.precision: bfloat16` runs).
 Every time is per call after compilation and a warm-up call, blocking on the result; the headline is the
 median of at least N calls. `--quick` shrinks the frame and model (benchmarks/_common.py QUICK_OVERRIDES) and
 lowers XLA's CPU optimisations for a smoke run of some seconds: its numbers say nothing about the real model.
@@ -209,13 +210,25 @@ def bench_end_to_end_on_host_devices(config: str | Path, overrides: Sequence[str
     return result
 
 
-def bench_inference(s: Setup, batch_size: int, timing: Timing) -> dict[str, float]:
-    """The jitted eval-mode forward on full num_symbol-symbol frames (B, 14, K, 2) of `batch_size` samples."""
+def inference_model(s: Setup, precision: str | None = None):
+    """s.model, or the same parameters computing in `precision` (what `compare.precision` does to a checkpoint)."""
+    cfg = loading.with_precision(s.cfg, precision)
+    if cfg is s.cfg:
+        return s.model
+    model = loading.new_model(cfg, jax.random.key(0))
+    loading.set_params(model, loading.model_params(s.model))
+    return model
+
+
+def bench_inference(s: Setup, batch_size: int, timing: Timing, precision: str | None = None) -> dict[str, float]:
+    """The jitted eval-mode forward on full num_symbol-symbol frames (B, 14, K, 2) of `batch_size` samples;
+    precision: compute in it instead of the config's training.precision."""
     inputs = ofdm.make_batch_fn(s.spec, batch_size, full=True)(jax.random.key(5), s.bank, s.distance_range).inputs
-    predict = loading.make_predict_fn(s.model)
+    predict = loading.make_predict_fn(inference_model(s, precision))
     result = _measure(lambda: predict(inputs), batch_size, timing)
     result["batch_size"] = batch_size
     result["input_shape"] = list(inputs.shape)
+    result["precision"] = precision or s.cfg.training.precision
     return result
 
 
@@ -332,10 +345,12 @@ def bench_run_training(cfg: C.Config, steps: int) -> dict[str, Any]:
 
 def speedups(train_samples_per_s: float | None, end_to_end_samples_per_s: float | None,
              infer_ms: dict[int, float | None], reference: dict[str, Any], *,
-             end_to_end_host_devices_samples_per_s: float | None = None) -> dict[str, float | None]:
+             end_to_end_host_devices_samples_per_s: float | None = None,
+             infer_bf16_ms: dict[int, float | None] | None = None) -> dict[str, float | None]:
     """Ratios of our samples/s to the same-run PyTorch reference's (`bench_pytorch`); null where either is
     missing. The end-to-end step data-parallel over CPU devices (`bench_end_to_end_on_host_devices`, null when
-    not measured) is set against the reference's train step too."""
+    not measured) and inference in bfloat16 (`infer_bf16_ms`) are set against the reference's float32 train
+    step and inference too."""
     def theirs(key: str) -> float | None:
         return (reference.get(key) or {}).get("samples_per_s")
 
@@ -349,6 +364,8 @@ def speedups(train_samples_per_s: float | None, end_to_end_samples_per_s: float 
         "end_to_end_host_devices_speedup_vs_pytorch": ratio(end_to_end_host_devices_samples_per_s, theirs("train")),
         "infer_bs1_speedup_vs_pytorch": ratio(rate(infer_ms.get(1), 1), theirs("infer_bs1")),
         "infer_bs32_speedup_vs_pytorch": ratio(rate(infer_ms.get(32), 32), theirs("infer_bs32")),
+        **{f"infer_bf16_bs{b}_speedup_vs_pytorch": ratio(rate((infer_bf16_ms or {}).get(b), b), theirs(f"infer_bs{b}"))
+           for b in INFER_BATCH_SIZES},
     }
 
 
@@ -373,6 +390,10 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
     train = bench_train_step(s, timing)
     end_to_end = bench_end_to_end_step(s, timing)
     infer = {b: bench_inference(s, b, timing) for b in INFER_BATCH_SIZES}
+    # the same parameters computing in bfloat16 (compare.precision: bfloat16), where the config is float32
+    infer_bf16 = ({b: bench_inference(s, b, timing, precision="bfloat16") for b in INFER_BATCH_SIZES}
+                  if cfg.training.precision == "float32" else {})
+    infer_bf16_ms = {b: r["median_ms"] for b, r in infer_bf16.items()}
     training_run = bench_run_training(cfg, run_steps) if run_steps else None
     skipped = {"error": "not measured (--no-pytorch)"}
     reference = bench_pytorch(s, timing, default_env=True) if pytorch else skipped
@@ -388,6 +409,7 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
         "run_training_samples_per_s": training_run["samples_per_s_steady"] if training_run else None,
         "infer_bs1_ms": infer[1]["median_ms"],
         "infer_bs32_ms": infer[32]["median_ms"],
+        **{f"infer_bf16_bs{b}_ms": infer_bf16_ms.get(b) for b in INFER_BATCH_SIZES},
         "data_ms_per_batch": data["median_ms"],
         "flops": flops,
         # Generating the step's batch on its own, as a fraction of the whole end-to-end step.
@@ -398,17 +420,19 @@ def run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, s
                                   **{f"infer_bs{b}": r["compile_s"] for b, r in infer.items()}},
         "reference": reference,
         **speedups(train["samples_per_s"], end_to_end["samples_per_s"], {b: r["median_ms"] for b, r in infer.items()},
-                   reference),
+                   reference, infer_bf16_ms=infer_bf16_ms),
         "reference_same_env": reference_same_env,
         "speedups_same_env": speedups(train["samples_per_s"], end_to_end["samples_per_s"],
-                                      {b: r["median_ms"] for b, r in infer.items()}, reference_same_env),
+                                      {b: r["median_ms"] for b, r in infer.items()}, reference_same_env,
+                                      infer_bf16_ms=infer_bf16_ms),
         "config": str(config),
         "overrides": list(overrides),
         "quick": quick,
         "batch_size": s.batch_size,
         "num_params": s.num_params,
         "details": {"data": data, "train_step": train, "end_to_end_step": end_to_end,
-                    "inference": {str(b): r for b, r in infer.items()}, "run_training": training_run},
+                    "inference": {str(b): r for b, r in infer.items()},
+                    "inference_bf16": {str(b): r for b, r in infer_bf16.items()}, "run_training": training_run},
         "memory": _common.memory_snapshot(),
         "machine": _common.machine_info(),
         "note": "times are medians over calls after compile and warm-up, blocking on each result; samples/s = "
@@ -443,6 +467,9 @@ def print_table(report: dict[str, Any], log: Callable[[str], None] = print) -> N
          _reference_rate(ref, "infer_bs1"), report["infer_bs1_speedup_vs_pytorch"]),
         ("inference bs32", 32e3 / report["infer_bs32_ms"], report["infer_bs32_ms"],
          _reference_rate(ref, "infer_bs32"), report["infer_bs32_speedup_vs_pytorch"]),
+        *((f"inference bs{b}, bfloat16", b * 1e3 / report[f"infer_bf16_bs{b}_ms"], report[f"infer_bf16_bs{b}_ms"],
+           _reference_rate(ref, f"infer_bs{b}"), report[f"infer_bf16_bs{b}_speedup_vs_pytorch"])
+          for b in INFER_BATCH_SIZES if report.get(f"infer_bf16_bs{b}_ms")),
     ]
     log("")
     log(f"{'measurement':<26}{'samples/s':>11}{'ms/call':>10}{'pytorch/s':>10}{'speedup':>9}")

@@ -437,12 +437,13 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli(lambda: _run_cli(args), debug=args.debug)
 
 
-def load_entry(label: str, spec: str, *, seed: Optional[int] = None, output_dir: str = "runs") -> ModelEntry:
+def load_entry(label: str, spec: str, *, seed: Optional[int] = None, output_dir: str = "runs",
+               precision: Optional[str] = None) -> ModelEntry:
     """A `ModelEntry` for the checkpoint spec (PATH or BASE+ADAPTER), restored strictly, with the dataset configs
-    it was trained on (for the population check)."""
+    it was trained on (for the population check); precision: compute in it instead of as trained."""
     from chest_jax import loading  # checkpoints only here: run_compare itself takes prediction functions
 
-    model, _, _ = loading.load_model(spec, output_dir=output_dir)
+    model, _, _ = loading.load_model(spec, output_dir=output_dir, precision=precision)
     return ModelEntry(label, loading.make_predict_fn(model), path=spec, seed=seed,
                       trained_on=tuple(loading.training_datasets(spec, output_dir=output_dir)))
 
@@ -456,6 +457,7 @@ def _run_cli(args) -> int:
         overrides.append("compare.allow_population_mismatch=true")
     cfg = config_lib.load(args.config, overrides)
     specs = args.models if args.models is not None else list(cfg.compare.models)
-    models = [load_entry(*parse_model_spec(text), output_dir=cfg.training.output_dir) for text in specs]
+    models = [load_entry(*parse_model_spec(text), output_dir=cfg.training.output_dir,
+                         precision=cfg.compare.precision) for text in specs]
     run_compare(cfg, models, args.out or cfg.compare.out_dir)
     return 0

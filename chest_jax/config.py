@@ -248,6 +248,9 @@ class CompareConfig:
     original_test_sets: tuple[str, ...] = ()
     # Score models trained on another profile pool / split / frame than `dataset` (marked in the table).
     allow_population_mismatch: bool = False
+    # The precision the models compute in: null, each as it was trained (its training.precision); bfloat16 runs
+    # float32-trained models with bfloat16 matmul operands (float32 accumulation), faster on CPUs with avx512_bf16.
+    precision: Optional[Literal["float32", "bfloat16"]] = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,16 @@ def compute_dtype(cfg: config_lib.Config):
     return jnp.bfloat16 if cfg.training.precision == "bfloat16" else jnp.float32
 
 
+def with_precision(cfg: config_lib.Config, precision: str | None) -> config_lib.Config:
+    """cfg computing in `precision` ("float32" or "bfloat16"; None: as it is). The parameters are float32 either
+    way, so a model trained in one precision restores strictly into the other."""
+    if precision is None or precision == cfg.training.precision:
+        return cfg
+    data = cfg.to_dict()
+    return config_lib.from_dict({**data, "training": {**data["training"], "precision": precision}},
+                                source=f"precision={precision!r}")
+
+
 def new_model(cfg: config_lib.Config, key: jax.Array) -> Estimator_v4:
     """A freshly initialised plain `Estimator_v4` (LoRA leaves are added by `apply_lora`)."""
     return Estimator_v4(cfg.ch_estimation, cfg.dataset.ref_conf_dict.dmrs, rngs=nnx.Rngs(params=key),
@@ -230,14 +240,15 @@ def _split_spec(spec: str, output_dir: str) -> tuple[Path, Path | None]:
     return base_path, adapter_path / "adapter" if (adapter_path / "adapter").is_dir() else adapter_path
 
 
-def load_model(spec: str, *, output_dir: str = "runs",
+def load_model(spec: str, *, output_dir: str = "runs", precision: str | None = None,
                log: Callable[[str], None] = print) -> tuple[Estimator_v4, config_lib.Config, dict]:
     """A model for evaluation from `PATH` (model checkpoint, run directory or run name) or `BASE+ADAPTER`.
 
-    The model config comes from the checkpoint itself; the restore is still strict against it.
+    The model config comes from the checkpoint itself; the restore is still strict against it. precision:
+    compute in "float32" or "bfloat16" instead of the checkpoint's own `training.precision` (None: as trained).
     """
     base_path, adapter_path = _split_spec(spec, output_dir)
-    cfg = ckpt.config_from_meta(ckpt.read_meta(base_path), base_path)
+    cfg = with_precision(ckpt.config_from_meta(ckpt.read_meta(base_path), base_path), precision)
     model, meta, _ = restore_base(base_path, cfg, config_source=f"{base_path}/meta")
     if adapter_path is not None:
         meta, _ = attach_adapter(model, adapter_path, base_fingerprint=params_fingerprint(model_params(model)),

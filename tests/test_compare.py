@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from chest_jax import compare, config as C, baselines, metrics, ofdm
+from chest_jax import baselines, channels, compare, config as C, metrics, ofdm
 
 SMALL = [
     "dataset.fft_size=256", "dataset.num_guard_subcarriers=64", "dataset.ref_conf_dict.dmrs=[0, 192, 6]",
@@ -190,6 +190,40 @@ def test_cli_refuses_a_model_of_another_split_unless_asked(tmp_path, capsys):
         rows = {r["model"]: r for r in csv.DictReader(f)}
     assert "dataset.split_seed: trained 7, compare 0" in rows["run"]["population_mismatch"]
     assert rows["ls_linear"]["population_mismatch"] == ""
+
+
+def test_a_float32_model_is_scored_in_bfloat16_on_request(tmp_path):
+    """compare.precision: bfloat16 restores a float32-trained checkpoint (strictly: the parameters are float32
+    either way) into a model whose matmuls take bfloat16 operands; its estimate moves by bfloat16 rounding only."""
+    import jax
+
+    from chest_jax import loading
+    common = [*SMALL, *TINY_MODEL, f"compare.cache_dir={tmp_path / 'cache'}", *ONE_SET]
+    run = _saved_model(tmp_path, common)
+    m32, cfg32, _ = loading.load_model(str(run))
+    m16, cfg16, _ = loading.load_model(str(run), precision="bfloat16")
+    assert (cfg32.training.precision, cfg16.training.precision) == ("float32", "bfloat16")
+    assert m16.ch_tf._layers[0].ffnn_linear1.dtype == jax.numpy.bfloat16
+    d = cfg32.dataset
+    inputs = ofdm.make_batch_fn(ofdm.FrameSpec.from_config(d), 4, full=True)(
+        jax.random.key(1), ofdm.make_bank(channels.load_split(d, "train")), jax.numpy.asarray(d.distance_range)).inputs
+    h32, h16 = (np.asarray(loading.make_predict_fn(m)(inputs)[0]) for m in (m32, m16))
+    relative = np.linalg.norm(h16 - h32) / np.linalg.norm(h32)
+    assert 0 < relative < 0.05, relative
+    with pytest.raises(C.ConfigError, match="precision"):
+        loading.with_precision(cfg32, "float16")
+
+    for precision in ("float32", "bfloat16"):
+        assert compare.cli(["--models", str(run), "--out", str(tmp_path / precision), *common,
+                            f"compare.precision={precision}"]) == 0
+    scores = {}
+    for precision in ("float32", "bfloat16"):
+        data = json.loads((tmp_path / precision / "results.json").read_text())
+        assert data["config"]["compare"]["precision"] == precision
+        with open(tmp_path / precision / "results.csv") as f:
+            scores[precision] = {r["model"]: float(r["nmse_db"]) for r in csv.DictReader(f)}
+    assert scores["float32"]["ls_linear"] == scores["bfloat16"]["ls_linear"]  # baselines do not change
+    assert abs(scores["float32"]["run"] - scores["bfloat16"]["run"]) < 0.2
 
 
 def test_cli_overrides_after_models_are_not_taken_for_models(tmp_path):
