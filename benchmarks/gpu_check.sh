@@ -93,8 +93,8 @@ summary = {"benchmarks": {}, "target_val_nmse_db": target}
 for path in sorted(out.glob("bench_*.json")):
     r = json.loads(path.read_text())
     summary["benchmarks"][path.stem] = {k: r.get(k) for k in (
-        "train_samples_per_s", "end_to_end_samples_per_s", "infer_bs1_ms", "infer_bs32_ms", "data_share_of_step",
-        "device_kind")}
+        "train_samples_per_s", "end_to_end_samples_per_s", "infer_bs1_ms", "infer_bs32_ms", "infer_bf16_bs1_ms",
+        "infer_bf16_bs32_ms", "data_share_of_step", "device_kind")}
     xla = (r.get("flops") or {}).get("train_per_sample")
     tflops = flops_per_sample * r["train_samples_per_s"] / 1e12
     precision = "bfloat16" if "bfloat16" in path.stem else "float32"
