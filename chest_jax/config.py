@@ -212,7 +212,7 @@ class TrainingConfig:
     wandb_proj: str = "chest-jax"
     wandb_mode: Literal["offline", "online"] = "offline"
     device: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
-    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: mixed precision matmuls
+    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: bf16 matmul operands, float32 accumulation
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 100  # with nan_policy=skip: stop after this many non-finite steps
 

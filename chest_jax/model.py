@@ -418,8 +418,9 @@ class Estimator_v4(nnx.Module):  # noqa: N801 - the original's class name
       cfg: the `ch_estimation` config section (cond, transformer; peft is applied separately by
         `chest_jax.lora.apply_lora`).
       dmrs: (start, stop, step) of the pilot subcarriers over the K used subcarriers (`ref_conf_dict.dmrs`).
-      compute_dtype: jnp.float32, or jnp.bfloat16 for mixed precision (matmuls and activations in bf16;
-        parameters, LayerNorm, softmax, the input scale and the outputs in float32).
+      compute_dtype: jnp.float32, or jnp.bfloat16 for mixed precision (matmul operands and activations in bf16,
+        products accumulated in float32 (`matmul`); parameters, LayerNorm, softmax, the input scale and the
+        outputs in float32).
       cp_fraction: the cyclic prefix as a fraction of the symbol (`DatasetConfig.cp_fraction`); needed only by
         the residual variants on an LMMSE reference, whose priors spread the channel over it.
     """
